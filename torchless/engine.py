@@ -1,0 +1,416 @@
+"""The shared decoder: one loop over layers that every family runs, with two sets of ops.
+
+``forward`` (one token) uses the plain-NumPy ops of :mod:`torchless.reference`;
+``fast_forward`` (one token) and ``prefill`` (many tokens) use the Numba kernels. What differs
+between families is data in :class:`ModelConfig` (norm kind, activation, MLP and residual
+layout, q/k norms, soft-caps, windows, RoPE tables) and the tensors present (biases, fused
+projections), so the loop below has no family names in it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import reference as ref
+from .config import ModelConfig
+from .errors import MissingTensorError, TensorShapeError, TokenError
+from .kernels import matmul as km
+from .kernels import ops as ko
+from .state import InferenceState
+from .weights import Weight
+
+NORM_CODES = {"rms": ko.NORM_RMS, "rms1p": ko.NORM_RMS1P, "layernorm": ko.NORM_LAYER}
+ACT_CODES = {"silu": ko.ACT_SILU, "gelu_tanh": ko.ACT_GELU_TANH, "gelu": ko.ACT_GELU}
+
+NORM_NAMES = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "output_norm",
+              "attn_q_norm", "attn_k_norm")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict:
+    """The shape of every canonical tensor (``.weight``) for this config."""
+    H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    return {
+        "token_embd": (cfg.vocab_size, H),
+        "output": (cfg.vocab_size, H),
+        "output_norm": (H,),
+        "attn_norm": (H,),
+        "attn_q": (cfg.q_dim, H),
+        "attn_k": (cfg.kv_dim, H),
+        "attn_v": (cfg.kv_dim, H),
+        "attn_qkv": (cfg.q_dim + 2 * cfg.kv_dim, H),
+        "attn_output": (H, cfg.q_dim),
+        "attn_q_norm": (D,),
+        "attn_k_norm": (D,),
+        "post_attention_norm": (H,),
+        "ffn_norm": (H,),
+        "post_ffw_norm": (H,),
+        "ffn_gate": (I, H),
+        "ffn_up": (I, H),
+        "ffn_gate_up": (2 * I, H),
+        "ffn_down": (H, I),
+    }
+
+
+class Layer:
+    """The tensors of one decoder layer, by canonical name (``None`` where absent)."""
+
+    def __init__(self):
+        self.w: dict[str, Weight] = {}
+        self.b: dict[str, np.ndarray] = {}  # biases, float32
+        self.n: dict[str, np.ndarray] = {}  # norm weights, float32
+
+
+class DecoderModel:
+    """A loaded model: config, weights, tokenizer, and the shared decoder.
+
+    Family classes (``LLaMA``, ``Gemma`` ...) are thin subclasses that only fix the family a
+    load must find; a plugin subclasses this when its forward cannot be expressed as config.
+    """
+
+    family: str | None = None
+
+    def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, spec=None,
+                 params=None):
+        self.config = config
+        self.spec = spec
+        self.params = params
+        self.tokenizer = tokenizer
+        self._assemble(tensors)
+
+    # ---- the Model protocol ----------------------------------------------------------------
+    @property
+    def architecture(self):
+        from .architecture import ModelArchitecture
+
+        return ModelArchitecture(self.config.architecture)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok().encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids) -> str:
+        return self._tok().decode(list(ids))
+
+    def forward(self, state: InferenceState, token: int, debug: bool = False) -> np.ndarray:
+        """Run one token through the plain-NumPy reference path; sets ``state.logits``."""
+        return self._step(state, [token], fast=False, all_logits=False)
+
+    def fast_forward(self, state: InferenceState, token: int, debug: bool = False) -> np.ndarray:
+        """Run one token through the Numba kernels; sets ``state.logits``."""
+        return self._step(state, [token], fast=True, all_logits=False)
+
+    def prefill(self, state: InferenceState, ids, all_logits: bool = False) -> np.ndarray:
+        """Run many tokens as one batch (matrix products per layer) and fill the KV cache.
+
+        Returns the last position's logits ``[V]`` or, with ``all_logits``, ``[T, V]``.
+        """
+        ids = list(ids)
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        return self._step(state, ids, fast=True, all_logits=all_logits)
+
+    def forward_tokens(self, state: InferenceState, ids, all_logits: bool = True) -> np.ndarray:
+        """The reference path over many tokens at once (used by tests and ``prefill`` checks)."""
+        return self._step(state, list(ids), fast=False, all_logits=all_logits)
+
+    # ---- assembling -------------------------------------------------------------------------
+    def _assemble(self, tensors: dict) -> None:
+        cfg = self.config
+        shapes = expected_shapes(cfg)
+        for name, w in tensors.items():
+            base, _, suffix = name.rpartition(".")
+            canon = base.split(".")[-1]
+            if canon not in shapes:
+                continue
+            want = shapes[canon] if suffix == "weight" else (shapes[canon][0],)
+            if tuple(w.shape) != tuple(want):
+                raise TensorShapeError(
+                    f"tensor {getattr(w, 'source', w.name)!r} ({canon}.{suffix}) has shape "
+                    f"{list(w.shape)}, expected {list(want)}"
+                )
+        self.embed = tensors["token_embd.weight"]
+        self.output = tensors.get("output.weight") or self.embed
+        self.output_bias = _f32(tensors.get("output.bias"))
+        self.final_norm = (_f32(tensors["output_norm.weight"]), _f32(tensors.get("output_norm.bias")))
+        self.layers = []
+        for i in range(cfg.num_layers):
+            layer = Layer()
+            prefix = f"blk.{i}."
+            for name, w in tensors.items():
+                if not name.startswith(prefix):
+                    continue
+                canon, _, suffix = name[len(prefix):].rpartition(".")
+                if canon in NORM_NAMES:
+                    (layer.n if suffix == "weight" else layer.b)[canon] = _f32(w)
+                elif suffix == "bias":
+                    layer.b[canon] = _f32(w)
+                else:
+                    layer.w[canon] = w
+            self.layers.append(layer)
+        self._zeros_h = np.zeros(cfg.hidden_size, np.float32)
+        self._zeros_d = np.zeros(cfg.head_dim, np.float32)
+        scale = cfg.embed_scale
+        if scale is not None:
+            # Gemma: sqrt(hidden) rounded to the dtype the embedding is stored in.
+            if self.embed.kind == "bf16":
+                from .weights import bf16_to_f32, f32_to_bf16
+
+                scale = float(bf16_to_f32(f32_to_bf16(np.array([scale], np.float32)))[0])
+            elif self.embed.kind == "f16":
+                scale = float(np.float16(scale))
+        self._embed_scale = None if scale is None else np.float32(scale)
+
+    # ---- the decoder ------------------------------------------------------------------------
+    def _check_ids(self, ids) -> None:
+        V = self.config.vocab_size
+        for t in ids:
+            if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < V:
+                raise TokenError(f"token id {t!r} is outside the vocabulary [0, {V})")
+
+    def _rope_tables(self, state: InferenceState, P: int, T: int) -> dict:
+        tables = {}
+        positions = np.arange(P, P + T)
+        for key, rc in self.config.ropes.items():
+            S = P + T
+            if rc.rope_type == "qwen_ntk":
+                if P == 0:
+                    state.rope_fixed_len[key] = S
+                S = state.rope_fixed_len.get(key, S)
+            inv, factor = rc.table(S)
+            cos, sin = ref.rope_angles(positions, inv, factor)
+            tables[key] = (cos, sin, rc.rotary_dim)
+        return tables
+
+    def _needs_recompute(self, P: int, T: int) -> bool:
+        """LongRoPE switching from short to long factors: the cached keys must be redone."""
+        if P == 0:
+            return False
+        for rc in self.config.ropes.values():
+            if rc.rope_type == "longrope" and rc.regime(P + T) != rc.regime(P):
+                return True
+        return False
+
+    def _step(self, state: InferenceState, ids, fast: bool, all_logits: bool) -> np.ndarray:
+        self._check_ids(ids)
+        state.check_room(len(ids))
+        P = state.pos
+        if self._needs_recompute(P, len(ids)):
+            history = state.tokens[:P]
+            state.reset()
+            out = self._step(state, history + list(ids), fast, all_logits)
+            if all_logits:
+                return out[P:]
+            return out
+        cfg = self.config
+        T = len(ids)
+        state.cache.ensure(P + T)
+        tables = self._rope_tables(state, P, T)
+        logn = np.ones(T, np.float32)
+        if cfg.logn_seq_length:
+            pos1 = np.arange(P, P + T, dtype=np.float64) + 1
+            logn = np.where(pos1 > cfg.logn_seq_length,
+                            np.log(pos1) / np.log(cfg.logn_seq_length), 1.0).astype(np.float32)
+        ops = _FAST if fast else _REF
+        x = self.embed.rows_f32(np.asarray(ids))
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self._embed_scale is not None:
+            x *= self._embed_scale
+        for i, layer in enumerate(self.layers):
+            x = self._layer(ops, layer, i, x, state, P, tables[cfg.layer_rope[i]], logn)
+        if not all_logits:
+            x = x[-1:]
+        h = ops.norm(x, cfg.norm, self.final_norm[0], self.final_norm[1], cfg.norm_eps)
+        logits = ops.linear(h, self.output, self.output_bias)
+        if cfg.final_softcap:
+            c = np.float32(cfg.final_softcap)
+            logits = (c * np.tanh(logits / c)).astype(np.float32)
+        state.pos = P + T
+        state.tokens.extend(int(t) for t in ids)
+        state.logits = np.ascontiguousarray(logits[-1], dtype=np.float32)
+        return logits if all_logits else state.logits
+
+    def _layer(self, ops, layer: Layer, i: int, x, state, P, rope_table, logn):
+        cfg = self.config
+        T = x.shape[0]
+        nH, nKV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = ops.norm(x, cfg.norm, layer.n["attn_norm"], layer.b.get("attn_norm"), cfg.norm_eps)
+        if "attn_qkv" in layer.w:
+            qkv = ops.linear(h, layer.w["attn_qkv"], layer.b.get("attn_qkv"))
+            q = qkv[:, : cfg.q_dim]
+            k = qkv[:, cfg.q_dim : cfg.q_dim + cfg.kv_dim]
+            v = qkv[:, cfg.q_dim + cfg.kv_dim :]
+        else:
+            q = ops.linear(h, layer.w["attn_q"], layer.b.get("attn_q"))
+            k = ops.linear(h, layer.w["attn_k"], layer.b.get("attn_k"))
+            v = ops.linear(h, layer.w["attn_v"], layer.b.get("attn_v"))
+        q = np.ascontiguousarray(q).reshape(T, nH, D)
+        k = np.ascontiguousarray(k).reshape(T, nKV, D)
+        v = np.ascontiguousarray(v).reshape(T, nKV, D)
+        if cfg.qk_norm:
+            q = ops.norm(q.reshape(T * nH, D), cfg.qk_norm, layer.n["attn_q_norm"],
+                         layer.b.get("attn_q_norm"), cfg.norm_eps).reshape(T, nH, D)
+            k = ops.norm(k.reshape(T * nKV, D), cfg.qk_norm, layer.n["attn_k_norm"],
+                         layer.b.get("attn_k_norm"), cfg.norm_eps).reshape(T, nKV, D)
+        cos, sin, rot = rope_table
+        q = ops.rope(q, cos, sin, rot)
+        k = ops.rope(k, cos, sin, rot)
+        kc, vc = state.cache.k[i], state.cache.v[i]
+        kc[:, P : P + T] = k.transpose(1, 0, 2)
+        vc[:, P : P + T] = v.transpose(1, 0, 2)
+        a = ops.attention(q, kc, vc, P, cfg.attn_scale, cfg.attn_softcap or 0.0,
+                          cfg.layer_windows[i] or 0, logn)
+        a = ops.linear(a.reshape(T, nH * D), layer.w["attn_output"], layer.b.get("attn_output"))
+        if cfg.residual == "parallel":
+            return x + a + self._mlp(ops, layer, h)
+        if cfg.residual == "sandwich":
+            x = x + ops.norm(a, cfg.norm, layer.n["post_attention_norm"],
+                             layer.b.get("post_attention_norm"), cfg.norm_eps)
+            h = ops.norm(x, cfg.norm, layer.n["ffn_norm"], layer.b.get("ffn_norm"), cfg.norm_eps)
+            m = self._mlp(ops, layer, h)
+            return x + ops.norm(m, cfg.norm, layer.n["post_ffw_norm"],
+                                layer.b.get("post_ffw_norm"), cfg.norm_eps)
+        x = x + a
+        h = ops.norm(x, cfg.norm, layer.n["ffn_norm"], layer.b.get("ffn_norm"), cfg.norm_eps)
+        return x + self._mlp(ops, layer, h)
+
+    def _mlp(self, ops, layer: Layer, h):
+        cfg = self.config
+        if cfg.mlp == "dense":
+            u = ops.linear(h, layer.w["ffn_up"], layer.b.get("ffn_up"))
+            return ops.linear(ops.act(u, cfg.activation), layer.w["ffn_down"],
+                              layer.b.get("ffn_down"))
+        if "ffn_gate_up" in layer.w:
+            gu = ops.linear(h, layer.w["ffn_gate_up"], layer.b.get("ffn_gate_up"))
+            g, u = gu[:, : cfg.intermediate_size], gu[:, cfg.intermediate_size :]
+        else:
+            g = ops.linear(h, layer.w["ffn_gate"], layer.b.get("ffn_gate"))
+            u = ops.linear(h, layer.w["ffn_up"], layer.b.get("ffn_up"))
+        return ops.linear(ops.gated(g, u, cfg.activation), layer.w["ffn_down"],
+                          layer.b.get("ffn_down"))
+
+    # ---- generation -------------------------------------------------------------------------
+    def _tok(self):
+        if self.tokenizer is None:
+            from .errors import TorchlessError
+
+            raise TorchlessError("this model has no tokenizer (no tokenizer.json); pass token ids")
+        return self.tokenizer
+
+    def new_state(self, max_seq_len: int | None = None) -> InferenceState:
+        return InferenceState(self.config, max_seq_len=max_seq_len)
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop=None, state: InferenceState | None = None,
+                 ignore_eos: bool = False) -> list[int]:
+        """Generate up to ``max_new_tokens`` ids after ``prompt`` (a string or token ids).
+
+        Greedy at ``temperature=0``. Stops after an end-of-sequence id (which is included, as
+        transformers does) or once the text contains one of ``stop`` (str or list of str).
+        """
+        from .generation import generate_ids
+
+        return [t for t, _ in generate_ids(self, prompt, max_new_tokens, temperature, top_k,
+                                           top_p, min_p, repetition_penalty, seed, stop, state,
+                                           ignore_eos) if t is not None]
+
+    def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None,
+               min_p: float | None = None, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop=None, state: InferenceState | None = None,
+               ignore_eos: bool = False):
+        """Like :meth:`generate` but yields decoded text pieces as they are produced."""
+        from .generation import generate_ids
+
+        for _, piece in generate_ids(self, prompt, max_new_tokens, temperature, top_k, top_p,
+                                     min_p, repetition_penalty, seed, stop, state, ignore_eos,
+                                     want_text=True):
+            if piece:
+                yield piece
+
+
+def _f32(w):
+    if w is None:
+        return None
+    return np.ascontiguousarray(w.to_f32() if isinstance(w, Weight) else w, dtype=np.float32)
+
+
+class _RefOps:
+    """The reference: plain NumPy."""
+
+    @staticmethod
+    def linear(x, w, b):
+        return ref.linear(x, w, None if b is None else Weight("bias", "f32", b.shape, b))
+
+    @staticmethod
+    def norm(x, kind, w, b, eps):
+        return ref.norm(x, kind, w, b, eps)
+
+    @staticmethod
+    def act(x, kind):
+        return ref.activation(x, kind).astype(np.float32)
+
+    @staticmethod
+    def gated(g, u, kind):
+        return (ref.activation(g, kind) * u).astype(np.float32)
+
+    @staticmethod
+    def rope(x, cos, sin, rot):
+        return ref.rope(x, cos, sin, rot)
+
+    @staticmethod
+    def attention(q, k_cache, v_cache, P, scale, softcap, window, logn):
+        S = P + q.shape[0]
+        return ref.attention(q, k_cache[:, :S], v_cache[:, :S], P, scale, softcap, window, logn)
+
+
+class _FastOps:
+    """The same operations through the Numba kernels."""
+
+    @staticmethod
+    def linear(x, w, b):
+        out = km.matmul(w, np.ascontiguousarray(x, dtype=np.float32))
+        if b is not None:
+            out += b
+        return out
+
+    @staticmethod
+    def norm(x, kind, w, b, eps):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        ko.norm_rows(x, w, b if b is not None else np.zeros_like(w), np.float32(eps),
+                     NORM_CODES[kind], out)
+        return out
+
+    @staticmethod
+    def act(x, kind):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        ko.gated_act(x, np.ones_like(x), ACT_CODES[kind], out)
+        return out
+
+    @staticmethod
+    def gated(g, u, kind):
+        g = np.ascontiguousarray(g, dtype=np.float32)
+        u = np.ascontiguousarray(u, dtype=np.float32)
+        out = np.empty_like(g)
+        ko.gated_act(g, u, ACT_CODES[kind], out)
+        return out
+
+    @staticmethod
+    def rope(x, cos, sin, rot):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if rot:
+            ko.rope_rows(x, cos, sin, rot)
+        return x
+
+    @staticmethod
+    def attention(q, k_cache, v_cache, P, scale, softcap, window, logn):
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        out = np.empty_like(q)
+        ko.attention(q, k_cache, v_cache, P, np.float32(scale), np.float32(softcap),
+                     int(window), logn, out)
+        return out
+
+
+_REF = _RefOps()
+_FAST = _FastOps()

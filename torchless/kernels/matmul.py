@@ -1,0 +1,125 @@
+"""Weight x activation products, computed from the weight's stored format.
+
+``matvec(w, x, out)`` is the decode product (one token): every weight is read once, rows in
+parallel, float32 accumulation. ``matmul(w, X)`` is the prefill product (T tokens): the weight
+is widened to float32 one tile of rows at a time and multiplied with BLAS, so a bf16, f16 or
+quantized model never exists as a float32 copy.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ..weights import Weight
+from .bits import bf16_to_f32, f16_to_f32
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def matvec_f32(w, x, out):
+    rows, cols = w.shape
+    for r in prange(rows):
+        acc = np.float32(0.0)
+        for c in range(cols):
+            acc += w[r, c] * x[c]
+        out[r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def matvec_bf16(w, x, out):
+    rows, cols = w.shape
+    for r in prange(rows):
+        acc = np.float32(0.0)
+        for c in range(cols):
+            acc += bf16_to_f32(w[r, c]) * x[c]
+        out[r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def matvec_f16(w, x, out):
+    rows, cols = w.shape
+    for r in prange(rows):
+        acc = np.float32(0.0)
+        for c in range(cols):
+            acc += f16_to_f32(w[r, c]) * x[c]
+        out[r] = acc
+
+
+@njit(parallel=True, cache=True)
+def widen_rows_bf16(w, r0, r1, out):
+    cols = w.shape[1]
+    for r in prange(r0, r1):
+        for c in range(cols):
+            out[r - r0, c] = bf16_to_f32(w[r, c])
+
+
+@njit(parallel=True, cache=True)
+def widen_rows_f16(w, r0, r1, out):
+    cols = w.shape[1]
+    for r in prange(r0, r1):
+        for c in range(cols):
+            out[r - r0, c] = f16_to_f32(w[r, c])
+
+
+def _as2d(w: Weight):
+    """The weight's data as the 2-D array the kernels take (uint16 bits for f16)."""
+    d = w.data
+    if w.kind == "f16":
+        d = d.view(np.uint16)
+    if d.ndim != 2:
+        d = d.reshape(w.rows, -1)
+    return d
+
+
+def matvec(w: Weight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``out = W @ x`` for a 2-D weight ``[out, in]`` and a float32 vector ``[in]``."""
+    if out is None:
+        out = np.empty(w.rows, dtype=np.float32)
+    kind = w.kind
+    d = _as2d(w)
+    if kind == "f32":
+        matvec_f32(d, x, out)
+    elif kind == "bf16":
+        matvec_bf16(d, x, out)
+    elif kind == "f16":
+        matvec_f16(d, x, out)
+    else:
+        from . import quant
+
+        quant.matvec(kind, d, x, out)
+    return out
+
+
+TILE_ROWS = 2048
+
+
+def widen_rows(w: Weight, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+    """Rows ``r0:r1`` of ``w`` as float32 into ``out[:r1-r0]``."""
+    d = _as2d(w)
+    if w.kind == "bf16":
+        widen_rows_bf16(d, r0, r1, out)
+    elif w.kind == "f16":
+        widen_rows_f16(d, r0, r1, out)
+    elif w.kind == "f32":
+        out[: r1 - r0] = d[r0:r1]
+    else:
+        from . import quant
+
+        quant.dequantize_rows_into(w.kind, d, r0, r1, out)
+    return out[: r1 - r0]
+
+
+def matmul(w: Weight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``out = X @ W.T`` for activations ``X [T, in]``; returns ``[T, out]`` float32."""
+    T = x.shape[0]
+    if out is None:
+        out = np.empty((T, w.rows), dtype=np.float32)
+    if T == 1:
+        matvec(w, x[0], out[0])
+        return out
+    if w.kind == "f32":
+        np.matmul(x, _as2d(w).T, out=out)
+        return out
+    tile = np.empty((min(TILE_ROWS, w.rows), w.cols), dtype=np.float32)
+    for r0 in range(0, w.rows, TILE_ROWS):
+        r1 = min(r0 + TILE_ROWS, w.rows)
+        t = widen_rows(w, r0, r1, tile)
+        np.matmul(x, t.T, out=out[:, r0:r1])
+    return out

@@ -1,0 +1,136 @@
+"""Norms, activations, RoPE and attention as Numba kernels.
+
+All take 2-D (or 3-D) float32 arrays so one specialisation serves decode (T = 1) and prefill.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
+
+NORM_RMS, NORM_RMS1P, NORM_LAYER = 0, 1, 2
+ACT_SILU, ACT_GELU_TANH, ACT_GELU = 0, 1, 2
+
+
+@njit(cache=True)
+def _norm_row(x, w, b, eps, kind, out):
+    n = x.shape[0]
+    if kind == NORM_LAYER:
+        mu = np.float32(0.0)
+        for i in range(n):
+            mu += x[i]
+        mu /= n
+        var = np.float32(0.0)
+        for i in range(n):
+            d = x[i] - mu
+            var += d * d
+        inv = np.float32(1.0) / np.sqrt(var / n + np.float32(eps))
+        for i in range(n):
+            out[i] = (x[i] - mu) * inv * w[i] + b[i]
+        return
+    ss = np.float32(0.0)
+    for i in range(n):
+        ss += x[i] * x[i]
+    inv = np.float32(1.0) / np.sqrt(ss / n + np.float32(eps))
+    if kind == NORM_RMS1P:
+        for i in range(n):
+            out[i] = x[i] * inv * (np.float32(1.0) + w[i])
+    else:
+        for i in range(n):
+            out[i] = w[i] * (x[i] * inv)
+
+
+@njit(parallel=True, cache=True)
+def norm_rows(x, w, b, eps, kind, out):
+    """Normalise each row of ``x [N, n]`` (RMS, Gemma RMS (1+w), or LayerNorm with bias)."""
+    for r in prange(x.shape[0]):
+        _norm_row(x[r], w, b, eps, kind, out[r])
+
+
+@njit(parallel=True, cache=True)
+def gated_act(gate, up, kind, out):
+    """``out = act(gate) * up`` elementwise over ``[T, I]``."""
+    T, n = gate.shape
+    for t in prange(T):
+        for i in range(n):
+            g = gate[t, i]
+            if kind == ACT_SILU:
+                a = g / (np.float32(1.0) + np.exp(-g))
+            elif kind == ACT_GELU_TANH:
+                a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(
+                    SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)))
+            else:
+                a = np.float32(0.5) * g * (np.float32(1.0) + math.erf(g / np.float32(math.sqrt(2.0))))
+            out[t, i] = a * up[t, i]
+
+
+@njit(parallel=True, cache=True)
+def rope_rows(x, cos, sin, rot):
+    """Rotate the first ``rot`` dims of every head of ``x [T, nh, D]`` (split halves), in place.
+
+    ``cos``/``sin`` are ``[T, rot/2]`` (already multiplied by the attention factor).
+    """
+    T, nh, D = x.shape
+    half = rot // 2
+    for t in prange(T):
+        for h in range(nh):
+            for i in range(half):
+                a = x[t, h, i]
+                b = x[t, h, i + half]
+                c = cos[t, i]
+                s = sin[t, i]
+                x[t, h, i] = a * c - b * s
+                x[t, h, i + half] = b * c + a * s
+
+
+@njit(parallel=True, cache=True)
+def attention(q, k_cache, v_cache, start, scale, softcap, window, logn, out):
+    """Causal attention of ``q [T, nH, D]`` (positions ``start .. start+T-1``) over the cache.
+
+    ``k_cache``/``v_cache`` are ``[nKV, capacity, D]`` holding positions ``0 .. start+T-1``.
+    ``window`` > 0 restricts query ``i`` to keys ``j > i - window``; ``softcap`` > 0 applies
+    ``cap * tanh(s / cap)`` to the scores; ``logn [T]`` scales each query (Qwen-1; ones
+    otherwise). Softmax in float32. Writes ``out [T, nH, D]``.
+    """
+    T, nH, D = q.shape
+    nKV = k_cache.shape[0]
+    rep = nH // nKV
+    n_total = start + T
+    for job in prange(T * nH):
+        t = job // nH
+        h = job % nH
+        g = h // rep
+        i = start + t
+        lo = 0
+        if window > 0 and i - window + 1 > 0:
+            lo = i - window + 1
+        n = i + 1 - lo
+        scores = np.empty(n, dtype=np.float32)
+        qs = np.float32(scale) * logn[t]
+        m = np.float32(-np.inf)
+        for jj in range(n):
+            j = lo + jj
+            s = np.float32(0.0)
+            for d in range(D):
+                s += q[t, h, d] * k_cache[g, j, d]
+            s *= qs
+            if softcap > 0:
+                s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
+            scores[jj] = s
+            if s > m:
+                m = s
+        tot = np.float32(0.0)
+        for jj in range(n):
+            e = np.exp(scores[jj] - m)
+            scores[jj] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for d in range(D):
+            out[t, h, d] = 0.0
+        for jj in range(n):
+            p = scores[jj] * inv
+            j = lo + jj
+            for d in range(D):
+                out[t, h, d] += p * v_cache[g, j, d]
+    return n_total

@@ -1,0 +1,180 @@
+"""From a path to a running model: detection, config translation, tensor mapping, checks.
+
+``ModelLoader.load_auto(path)`` detects the architecture; ``ModelLoader.load_as(path, arch)``
+forces a family. Lazy loading keeps weights as views of the file's pages; eager loading copies
+them into RAM in their stored dtype.
+"""
+from __future__ import annotations
+
+from .architecture import ModelArchitecture
+from .engine import DecoderModel, expected_shapes
+from .errors import MissingTensorError, UnknownArchitectureError
+from .parameters import Parameters
+from .plugins import registry
+
+CANONICAL_GLOBALS = ("token_embd", "output_norm", "output")
+
+
+def _resolve_spec(params: Parameters, family: str | None):
+    reg = registry()
+    if params.format == "gguf":
+        arch = params.gguf.architecture
+        spec = reg.detect_gguf(arch)
+        if spec is None or (family and spec.family != family):
+            if family:
+                cands = [s for s in reg.variants(family) if s.config_from_gguf]
+                if cands:
+                    return cands[0]
+            raise UnknownArchitectureError(
+                f"{params.path}: GGUF architecture {arch!r} is not supported by any plugin; "
+                f"registered: {reg.describe_registered()}"
+            )
+        return spec
+    if family:
+        variants = reg.variants(family)
+        if not variants:
+            raise UnknownArchitectureError(
+                f"unknown architecture {family!r}; registered: {reg.describe_registered()}"
+            )
+        spec = reg.detect(params.config, params.tensor_names, family=family)
+        return spec or variants[0]
+    spec = reg.detect(params.config, params.tensor_names)
+    if spec is None:
+        mt = params.config.get("model_type")
+        raise UnknownArchitectureError(
+            f"{params.path}: cannot tell the architecture (model_type={mt!r}, "
+            f"architectures={params.config.get('architectures')}); registered: "
+            f"{reg.describe_registered()}"
+        )
+    return spec
+
+
+def gather_tensors(params: Parameters, spec, cfg) -> dict:
+    """Canonical name -> Weight for every tensor the config needs, with clear errors."""
+    tmap = spec.tensor_map(cfg)
+    shapes = expected_shapes(cfg)
+    out = {}
+    wanted = [(c, None) for c in tmap.globals] + [
+        (c, i) for i in range(cfg.num_layers) for c in tmap.layers
+    ]
+    for canon, layer in wanted:
+        src = tmap.checkpoint_name(canon, layer)
+        dst = canon if layer is None else f"blk.{layer}.{canon}"
+        for suffix in ("weight", "bias"):
+            name = f"{src}.{suffix}"
+            if name in params:
+                w = params.get(name)
+                w.source = name
+                if params.format == "gguf" and spec.gguf_fixup is not None:
+                    w = spec.gguf_fixup(canon, w, cfg)
+                    w.source = name
+                out[f"{dst}.{suffix}"] = w
+            elif suffix == "weight":
+                if canon == "output" and cfg.tie_embeddings:
+                    continue
+                raise MissingTensorError(
+                    f"{params.path}: missing tensor {name!r} (expected shape "
+                    f"{list(shapes.get(canon, ()))}) needed by architecture {spec.name!r}"
+                )
+            elif cfg.norm == "layernorm" and canon.endswith("norm") and canon in (
+                "attn_norm", "output_norm"
+            ):
+                raise MissingTensorError(f"{params.path}: missing LayerNorm bias {name!r}")
+    return out
+
+
+def build_tokenizer(params: Parameters, cfg):
+    from .tokenizer import Tokenizer
+
+    if params.format == "gguf":
+        from .gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(params.gguf, cfg)
+    if params.tokenizer_file is None:
+        return None
+    return Tokenizer.from_file(params.tokenizer_file, params.tokenizer_config,
+                               bos_id=cfg.bos_token_id, eos_ids=cfg.eos_token_ids)
+
+
+def build_model(params: Parameters, family: str | None = None, model_class=None,
+                quantize: str | None = None):
+    spec = _resolve_spec(params, family)
+    if params.format == "gguf":
+        cfg = spec.config_from_gguf(params.gguf)
+    else:
+        cfg = spec.config_from_hf(params.config)
+    gen = params.generation_config
+    if gen and "eos_token_id" in gen and gen["eos_token_id"] is not None:
+        extra = gen["eos_token_id"]
+        extra = extra if isinstance(extra, list) else [extra]
+        cfg.eos_token_ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *extra]))
+    tensors = gather_tensors(params, spec, cfg)
+    if quantize:
+        from .quantize import quantize_tensors
+
+        tensors = quantize_tensors(tensors, quantize)
+    tokenizer = build_tokenizer(params, cfg)
+    cls = model_class or spec.model_class or FAMILY_CLASSES.get(spec.family, DecoderModel)
+    if spec.model_class is not None and model_class is not None and not issubclass(
+        spec.model_class, model_class
+    ):
+        cls = spec.model_class
+    return cls(cfg, tensors, tokenizer=tokenizer, spec=spec, params=params)
+
+
+class ModelLoader:
+    @staticmethod
+    def load_auto(path, lazy: bool = False, quantize: str | None = None) -> DecoderModel:
+        """Load a model folder, ``.safetensors`` or ``.gguf`` file, detecting its family."""
+        params = Parameters.load(path, lazy=lazy)
+        return build_model(params, quantize=quantize)
+
+    @staticmethod
+    def load_as(path, arch, lazy: bool = False, quantize: str | None = None) -> DecoderModel:
+        """Load as family ``arch`` (a ModelArchitecture or a name such as "phi-3")."""
+        family = ModelArchitecture.from_str(arch)
+        params = Parameters.load(path, lazy=lazy)
+        return build_model(params, family=str(family), quantize=quantize)
+
+
+class DynamicModel:
+    """Runtime choice of family: ``DynamicModel.load_auto(params_or_path)``."""
+
+    @staticmethod
+    def load_auto(params, lazy: bool = False, quantize: str | None = None) -> DecoderModel:
+        if not isinstance(params, Parameters):
+            params = Parameters.load(params, lazy=lazy)
+        return build_model(params, quantize=quantize)
+
+    @staticmethod
+    def load_as(params, arch, lazy: bool = False) -> DecoderModel:
+        if not isinstance(params, Parameters):
+            params = Parameters.load(params, lazy=lazy)
+        return build_model(params, family=str(ModelArchitecture.from_str(arch)))
+
+
+def _family_class(name: str, family: str, lazy: bool):
+    def load(cls, params, quantize: str | None = None):
+        """Load ``params`` (a Parameters or a path) as this family."""
+        if not isinstance(params, Parameters):
+            params = Parameters.load(params, lazy=lazy)
+        elif params.lazy != lazy:
+            params = Parameters.load(params.path, lazy=lazy)
+        return build_model(params, family=family, model_class=cls, quantize=quantize)
+
+    doc = f"A {family} model{' with memory-mapped weights' if lazy else ''}."
+    return type(name, (DecoderModel,), {"family": family, "load": classmethod(load),
+                                        "lazy": lazy, "__doc__": doc})
+
+
+LLaMA = _family_class("LLaMA", "llama", False)
+LazyLLaMA = _family_class("LazyLLaMA", "llama", True)
+Mistral = _family_class("Mistral", "mistral", False)
+LazyMistral = _family_class("LazyMistral", "mistral", True)
+Phi = _family_class("Phi", "phi", False)
+LazyPhi = _family_class("LazyPhi", "phi", True)
+Gemma = _family_class("Gemma", "gemma", False)
+LazyGemma = _family_class("LazyGemma", "gemma", True)
+Qwen = _family_class("Qwen", "qwen", False)
+LazyQwen = _family_class("LazyQwen", "qwen", True)
+FAMILY_CLASSES = {"llama": LLaMA, "mistral": Mistral, "phi": Phi, "gemma": Gemma, "qwen": Qwen}

@@ -1,0 +1,91 @@
+"""The plain-NumPy operations of the decoder: the readable specification.
+
+``forward`` runs the shared decoder with these; ``fast_forward`` and ``prefill`` run the same
+decoder with the Numba kernels, and the tests hold the two to each other and to transformers.
+All arrays are float32; weights are widened to float32 where they are used.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .weights import Weight
+
+
+def linear(x: np.ndarray, w: Weight, b: Weight | None = None) -> np.ndarray:
+    """``x @ W.T + b`` for ``x [T, in]``."""
+    y = x @ w.to_f32().T
+    if b is not None:
+        y = y + b.to_f32()
+    return y.astype(np.float32)
+
+
+def norm(x: np.ndarray, kind: str, w: np.ndarray, b: np.ndarray | None, eps: float) -> np.ndarray:
+    """Normalise over the last axis: ``rms`` (Llama), ``rms1p`` (Gemma, 1 + w), ``layernorm``."""
+    if kind == "layernorm":
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return ((x - mu) / np.sqrt(var + np.float32(eps)) * w + b).astype(np.float32)
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + np.float32(eps))
+    if kind == "rms1p":
+        return (y * (np.float32(1) + w)).astype(np.float32)
+    return (w * y).astype(np.float32)
+
+
+def activation(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "silu":
+        return x / (np.float32(1) + np.exp(-x))
+    if kind == "gelu_tanh":
+        c = np.float32(math.sqrt(2.0 / math.pi))
+        return np.float32(0.5) * x * (1 + np.tanh(c * (x + np.float32(0.044715) * x ** 3)))
+    if kind == "gelu":
+        from math import erf
+
+        return (0.5 * x * (1 + np.vectorize(erf)(x / math.sqrt(2.0)))).astype(np.float32)
+    raise ValueError(kind)
+
+
+def rope_angles(positions: np.ndarray, inv_freq: np.ndarray, factor: float):
+    """cos and sin ``[T, R/2]`` for integer positions, in float32 as transformers computes them."""
+    ang = positions.astype(np.float32)[:, None] * inv_freq[None, :]
+    return (np.cos(ang) * np.float32(factor)).astype(np.float32), (
+        np.sin(ang) * np.float32(factor)
+    ).astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rot: int) -> np.ndarray:
+    """Split-halves rotation of the first ``rot`` dims of ``x [T, heads, D]``."""
+    half = rot // 2
+    x1, x2 = x[..., :half], x[..., half:rot]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = x.copy()
+    out[..., :half] = x1 * c - x2 * s
+    out[..., half:rot] = x2 * c + x1 * s
+    return out
+
+
+def attention(q, k, v, start, scale, softcap, window, logn):
+    """Causal (optionally sliding-window, soft-capped) attention.
+
+    ``q [T, nH, D]`` at positions ``start..start+T-1``; ``k, v [nKV, S, D]`` for positions
+    ``0..S-1``. Query head ``h`` reads KV head ``h // (nH // nKV)``.
+    """
+    T, nH, D = q.shape
+    nKV, S, _ = k.shape
+    rep = nH // nKV
+    kk = np.repeat(k, rep, axis=0)  # [nH, S, D]
+    vv = np.repeat(v, rep, axis=0)
+    s = np.einsum("thd,hsd->hts", q, kk) * np.float32(scale) * logn[None, :, None]
+    if softcap:
+        s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
+    i = (start + np.arange(T))[:, None]
+    j = np.arange(S)[None, :]
+    visible = j <= i
+    if window:
+        visible &= (i - j) < window
+    s = np.where(visible[None], s, -np.inf)
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hts,hsd->thd", p.astype(np.float32), vv).astype(np.float32)

@@ -1,0 +1,97 @@
+"""One weight tensor as the engine sees it: its storage kind, its logical shape, its raw data.
+
+The data is whatever the file holds, never upcast on load: ``f32`` float32, ``f16`` float16,
+``bf16`` uint16 bit patterns, and the block-quantized GGUF kinds (``q8_0``, ``q4_0``,
+``q5_0``, ``q4_k``, ``q5_k``, ``q6_k``) as uint8 rows of blocks. For a lazily loaded
+model the array is a view of a memory map, so reading it pages the file in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOAT_KINDS = ("f32", "f16", "bf16")
+QUANT_KINDS = ("q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k")
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (uint16) to float32 exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bit patterns (round to nearest even), as torch does."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((u >> 16) & 1) + np.uint32(0x7FFF)
+    out = ((u + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+@dataclass
+class Weight:
+    """A tensor in its stored format.
+
+    ``shape`` is the logical (NumPy-order) shape: ``[out, in]`` for a linear layer.
+    For quantized kinds ``data`` is uint8 of shape ``[rows, bytes_per_row]`` where
+    ``rows = prod(shape[:-1])``.
+    """
+
+    name: str
+    kind: str
+    shape: tuple
+    data: np.ndarray
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.kind in QUANT_KINDS
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+
+    @property
+    def cols(self) -> int:
+        return int(self.shape[-1])
+
+    def to_f32(self) -> np.ndarray:
+        """The whole tensor as float32 (a new array unless already float32)."""
+        if self.kind == "f32":
+            return np.asarray(self.data, dtype=np.float32)
+        if self.kind == "f16":
+            return self.data.astype(np.float32)
+        if self.kind == "bf16":
+            return bf16_to_f32(self.data)
+        from .kernels import quant
+
+        flat = quant.dequantize(self.kind, self.data.reshape(self.rows, -1), self.cols)
+        return flat.reshape(self.shape)
+
+    def rows_f32(self, index) -> np.ndarray:
+        """Rows ``index`` (int or int array) of a 2-D weight as float32, e.g. embedding lookup."""
+        idx = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        if self.kind in FLOAT_KINDS:
+            sub = Weight(self.name, self.kind, (len(idx), self.cols), self.data[idx])
+        else:
+            sub = Weight(self.name, self.kind, (len(idx), self.cols), self.data[idx])
+        out = sub.to_f32()
+        return out[0] if np.ndim(index) == 0 else out
+
+    def __repr__(self) -> str:
+        return f"Weight({self.name!r}, {self.kind}, shape={tuple(self.shape)})"
+
+    @classmethod
+    def from_array(cls, name: str, array: np.ndarray) -> "Weight":
+        """Wrap a NumPy float array (float32 or float16) as a weight."""
+        if array.dtype == np.float32:
+            return cls(name, "f32", tuple(array.shape), array)
+        if array.dtype == np.float16:
+            return cls(name, "f16", tuple(array.shape), array)
+        raise TypeError(f"cannot wrap dtype {array.dtype} for {name}")
