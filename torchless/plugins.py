@@ -6,6 +6,7 @@ which are loaded. Tests and applications may also ``register_plugin(obj)`` at ru
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -96,6 +97,8 @@ class Registry:
                     )
         if spec.describe is None:
             spec.describe = ArchitectureConfig(ModelArchitecture(spec.family), variant=spec.name)
+        if spec.tensor_pattern is not None and spec.describe.tensor_names == TensorNamePattern():
+            spec.describe = dataclasses.replace(spec.describe, tensor_names=spec.tensor_pattern)
         self.specs[spec.name] = spec
         for alias in (spec.family, spec.name, *spec.aliases, *spec.model_types):
             self.names.setdefault(normalise_name(alias), spec.family)

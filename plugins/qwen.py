@@ -1,0 +1,126 @@
+"""Qwen-1 (``qwen``: remote-code QWenLMHeadModel), Qwen2 (q/k/v biases) and Qwen3 (q/k
+RMSNorm per head)."""
+from torchless import ArchitectureConfig, ArchitectureSpec, ModelArchitecture, TensorNamePattern
+from torchless import hookimpl
+from torchless.config import get
+from torchless.errors import ConfigError
+from torchless.hf_config import layer_types_windows, llama_tensor_map, make_config
+from torchless.plugins import TensorMap
+from torchless.rope import RopeConfig
+
+QWEN2_DEFAULTS = dict(hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, eps=1e-6,
+                      vocab_size=151936, tie_word_embeddings=False,
+                      max_position_embeddings=32768, rope_theta=10000.0)
+QWEN3_DEFAULTS = dict(QWEN2_DEFAULTS, head_dim=128)
+
+
+def _qwen2_windows(hf, n):
+    windows, _ = layer_types_windows(
+        hf, n, hf.get("sliding_window", 4096),
+        lambda i: "sliding_attention"
+        if hf.get("use_sliding_window", False) and i >= hf.get("max_window_layers", 28)
+        else "full_attention")
+    return windows
+
+
+def qwen2_config(hf):
+    n = hf.get("num_hidden_layers", QWEN2_DEFAULTS["num_hidden_layers"])
+    return make_config("qwen", "qwen2", hf, QWEN2_DEFAULTS, layer_windows=_qwen2_windows(hf, n))
+
+
+def qwen3_config(hf):
+    n = hf.get("num_hidden_layers", QWEN3_DEFAULTS["num_hidden_layers"])
+    return make_config("qwen", "qwen3", hf, QWEN3_DEFAULTS, qk_norm="rms",
+                       layer_windows=_qwen2_windows(hf, n))
+
+
+def qwen1_config(hf):
+    """Qwen-1's own field names (ARCHITECTURES.md 3.8)."""
+    H = get(hf, "hidden_size", 4096, kind=int)
+    nH = get(hf, "num_attention_heads", 32, kind=int)
+    D = H // nH
+    inter = get(hf, "intermediate_size", 22016, kind=int)
+    if inter % 2:
+        raise ConfigError(f"Qwen-1 intermediate_size must be even (twice the MLP width), got {inter}")
+    seq_length = get(hf, "seq_length", 8192, kind=int)
+    rot = int(get(hf, "kv_channels", D, kind=int) * float(hf.get("rotary_pct", 1.0)))
+    theta = float(hf.get("rotary_emb_base", 10000))
+    if hf.get("use_dynamic_ntk", True):
+        rope = RopeConfig(rotary_dim=rot, theta=theta, rope_type="qwen_ntk",
+                          params={"seq_length": seq_length})
+    else:
+        rope = RopeConfig(rotary_dim=rot, theta=theta)
+    mapped = dict(hf, head_dim=D, intermediate_size=inter // 2, num_key_value_heads=nH,
+                  rope_scaling=None, rope_parameters=None)
+    return make_config(
+        "qwen", "qwen", mapped,
+        dict(QWEN2_DEFAULTS, eps_key="layer_norm_epsilon", tie_word_embeddings=False,
+             max_position_embeddings=8192),
+        ropes={"default": rope},
+        logn_seq_length=seq_length if hf.get("use_logn_attn", True) else None,
+    )
+
+
+def qwen1_tensors(cfg):
+    return TensorMap(
+        globals={"token_embd": "transformer.wte", "output_norm": "transformer.ln_f",
+                 "output": "lm_head"},
+        layers={"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+                "ffn_norm": "ln_2",
+                # c_proj(w1(x) * silu(w2(x))): w2 is the gated branch.
+                "ffn_gate": "mlp.w2", "ffn_up": "mlp.w1", "ffn_down": "mlp.c_proj"},
+        layer_prefix="transformer.h.{i}.",
+    )
+
+
+QWEN1 = ArchitectureSpec(
+    name="qwen",
+    family="qwen",
+    model_types=("qwen",),
+    hf_architectures=("QWenLMHeadModel",),
+    aliases=("qwen1", "qwen-1", "qwen1.5"),
+    tensor_pattern=TensorNamePattern(required=(r"^transformer\.h\.\d+\.attn\.c_attn\.weight$",),
+                                     embedding="transformer.wte.weight",
+                                     layer_prefix="transformer.h.{i}.",
+                                     final_norm="transformer.ln_f.weight"),
+    describe=ArchitectureConfig(ModelArchitecture.QWEN, fused_qkv=True, variant="qwen"),
+    config_from_hf=qwen1_config,
+    tensor_map=qwen1_tensors,
+)
+
+QWEN2 = ArchitectureSpec(
+    name="qwen2",
+    family="qwen",
+    model_types=("qwen2",),
+    hf_architectures=("Qwen2ForCausalLM",),
+    gguf_architectures=("qwen2",),
+    aliases=("qwen2.5", "qwen-2", "qwen-2.5"),
+    tensor_pattern=TensorNamePattern(required=(r"self_attn\.q_proj\.bias$",),
+                                     forbidden=(r"self_attn\.o_proj\.bias$", r"q_norm")),
+    describe=ArchitectureConfig(ModelArchitecture.QWEN, variant="qwen2"),
+    config_from_hf=qwen2_config,
+    tensor_map=lambda cfg: llama_tensor_map(),
+)
+
+QWEN3 = ArchitectureSpec(
+    name="qwen3",
+    family="qwen",
+    model_types=("qwen3",),
+    hf_architectures=("Qwen3ForCausalLM",),
+    gguf_architectures=("qwen3",),
+    aliases=("qwen-3",),
+    tensor_pattern=TensorNamePattern(required=(r"self_attn\.q_norm\.weight$",),
+                                     forbidden=(r"_feedforward_layernorm",)),
+    describe=ArchitectureConfig(ModelArchitecture.QWEN, qk_norm=True, variant="qwen3"),
+    config_from_hf=qwen3_config,
+    tensor_map=lambda cfg: llama_tensor_map(extra_layers={
+        "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
+)
+
+
+@hookimpl
+def register_architectures(register):
+    register(QWEN1)
+    register(QWEN2)
+    register(QWEN3)

@@ -1,0 +1,148 @@
+"""The ``torchless`` command: generate, chat, inspect, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import TorchlessError
+
+
+def _load(path, lazy=False, quantize=None):
+    from .loader import ModelLoader
+
+    if path is None:
+        from .demo import default_model_path
+
+        path = default_model_path()
+    return ModelLoader.load_auto(path, lazy=lazy, quantize=quantize)
+
+
+def _sampling_args(p):
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lazy", action="store_true", help="memory-map the weights")
+    p.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None)
+    p.add_argument("--threads", type=int, default=None)
+
+
+def cmd_generate(args) -> int:
+    if len(args.args) == 1:
+        model_path, prompt = None, args.args[0]
+    elif len(args.args) == 2:
+        model_path, prompt = args.args
+    else:
+        raise TorchlessError('usage: torchless generate [MODEL] "prompt"')
+    model = _load(model_path, args.lazy, args.quantize)
+    model._tok()  # fail before printing anything if there is no tokenizer
+    out = sys.stdout
+    out.write(prompt)
+    out.flush()
+    for piece in model.stream(prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              seed=args.seed):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .loader import _resolve_spec
+    from .parameters import Parameters
+
+    params = Parameters.load(args.model, lazy=True)
+    spec = _resolve_spec(params, None)
+    cfg = spec.config_from_gguf(params.gguf) if params.format == "gguf" else \
+        spec.config_from_hf(params.config)
+    print(f"architecture: {spec.family} (variant {spec.name}, plugin {spec.plugin})")
+    print(f"format: {params.format}  path: {params.path}")
+    for k, v in cfg.summary().items():
+        print(f"  {k}: {v}")
+    total = 0
+    names = params.tensor_names
+    print(f"tensors: {len(names)}")
+    for n in names:
+        nb = params.nbytes(n)
+        total += nb
+        if not args.brief:
+            print(f"  {n:60s} {params.dtype(n):6s} {list(params.shape(n))}")
+    print(f"total: {total} bytes ({total / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import chat_loop
+
+    model = _load(args.model, args.lazy, args.quantize)
+    return chat_loop(model, args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    result = run_bench(args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                       threads=args.threads, quantize=args.quantize, lazy=args.lazy)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:24s} {v}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="torchless", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming text")
+    g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
+    _sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat with a model using its chat template")
+    c.add_argument("model", nargs="?", default=None)
+    c.add_argument("--system", default=None)
+    _sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("inspect", help="show architecture, config and tensors")
+    i.add_argument("model")
+    i.add_argument("--brief", action="store_true", help="omit the tensor list")
+    i.set_defaults(func=cmd_inspect)
+
+    b = sub.add_parser("bench", help="measure load, prefill and decode speed")
+    b.add_argument("model", nargs="?", default=None)
+    b.add_argument("--prompt-tokens", type=int, default=512)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None)
+    b.add_argument("--lazy", action="store_true")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    threads = getattr(args, "threads", None)
+    if threads:
+        from .threads import set_num_threads
+
+        set_num_threads(threads)
+    try:
+        return args.func(args)
+    except TorchlessError as exc:
+        print(f"torchless: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

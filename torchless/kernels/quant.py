@@ -1,0 +1,813 @@
+"""Block-quantized GGUF weights: layouts, dequantization, quantization and matvec kernels.
+
+Supported kinds (ggml layouts, all little-endian, ``d``/``dmin`` are IEEE half floats):
+
+========  ======  =====  ============================================================
+kind      elems   bytes  block layout
+========  ======  =====  ============================================================
+q8_0        32     34    d, int8 qs[32];                      w = d * q
+q4_0        32     18    d, qs[16]: element j in the low nibble of qs[j],
+                         element j+16 in its high nibble;     w = d * (q - 8)
+q5_0        32     22    d, qh (uint32, bit j = 5th bit of element j), qs[16] as q4_0;
+                                                              w = d * (q - 16)
+q4_k       256    144    d, dmin, scales[12] (8 pairs of 6-bit scale/min), qs[128]:
+                         the 32 bytes qs[32i:32i+32] hold sub-block 2i in the low nibbles
+                         and sub-block 2i+1 in the high ones; w = d*sc*q - dmin*m
+q5_k       256    176    d, dmin, scales[12], qh[32] (bit s of qh[l] = 5th bit of element
+                         l of sub-block s), qs[128] as q4_k;  w = d*sc*q - dmin*m
+q6_k       256    210    ql[128], qh[64], int8 scales[16], d; 16 sub-blocks of 16;
+                                                              w = d * sc * (q - 32)
+========  ======  =====  ============================================================
+
+A quantized weight's ``data`` is uint8 ``[rows, bytes_per_row]``; every row holds
+``cols // elems`` whole blocks.
+
+Two implementations of every kind:
+
+* :func:`dequantize` -- plain vectorised NumPy, the readable reference. Its float32
+  arithmetic follows ggml's reference order, so it matches ``gguf.quants`` bit for bit.
+* Numba kernels that compute on the blocks directly: ``matvec_<kind>(data, x, out)``
+  (decode: ``out[r] = sum_c W[r, c] * x[c]``), ``matmul_<kind>(data, X, out)`` (small
+  batches: ``out[t, r] = sum_c W[r, c] * X[t, c]``) and ``dequant_rows_<kind>(data, r0,
+  r1, out)`` (a float32 tile of rows, for BLAS on bigger batches).
+
+Numerics of the kernels: each weight is dequantized exactly as the reference does
+(``d * q`` resp. ``(d*sc) * q - dmin*m`` in float32, no FMA since fastmath is off), then
+multiplied by ``x`` and accumulated in float32 into 32 lanes (lane ``c % 32``), which are
+summed in a fixed order at the end of the row. ``matmul_<kind>`` runs the very same
+per-row code as ``matvec_<kind>``, so a batched row equals the single-vector result bit
+for bit.
+
+To keep the number of Numba specialisations small, go through the dispatchers
+(:func:`matvec`, :func:`matmul`, :func:`dequantize_rows_into`): they check shapes and
+always pass read-only C-contiguous uint8 2-D ``data`` and read-only float32 inputs (the
+same types a read-only memory map yields).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..errors import TensorShapeError, UnsupportedError
+
+QK = 32
+QK_K = 256
+
+#: kind -> (elements per block, bytes per block)
+BLOCK_INFO = {
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q5_0": (32, 22),
+    "q4_k": (256, 144),
+    "q5_k": (256, 176),
+    "q6_k": (256, 210),
+}
+
+__all__ = [
+    "BLOCK_INFO",
+    "block_info",
+    "bytes_per_row",
+    "dequantize",
+    "dequantize_rows_into",
+    "matvec",
+    "matmul",
+    "quantize_q8_0",
+    "quantize_q4_0",
+    "matvec_q8_0", "matvec_q4_0", "matvec_q5_0", "matvec_q4_k", "matvec_q5_k", "matvec_q6_k",
+    "matmul_q8_0", "matmul_q4_0", "matmul_q5_0", "matmul_q4_k", "matmul_q5_k", "matmul_q6_k",
+    "dequant_rows_q8_0", "dequant_rows_q4_0", "dequant_rows_q5_0",
+    "dequant_rows_q4_k", "dequant_rows_q5_k", "dequant_rows_q6_k",
+]
+
+
+def block_info(kind: str) -> tuple:
+    """``(elements_per_block, bytes_per_block)`` of a quantized kind."""
+    try:
+        return BLOCK_INFO[kind]
+    except (KeyError, TypeError):
+        raise UnsupportedError(f"unsupported quantized kind {kind!r}; known: {', '.join(BLOCK_INFO)}") from None
+
+
+def bytes_per_row(kind: str, cols: int) -> int:
+    """Bytes one row of ``cols`` elements takes; ``cols`` must be a whole number of blocks."""
+    epb, bpb = block_info(kind)
+    if cols <= 0 or cols % epb:
+        raise UnsupportedError(f"{kind} needs a row length that is a positive multiple of {epb}, got {cols}")
+    return cols // epb * bpb
+
+
+# ----------------------------------------------------------------------------------------
+# NumPy reference
+# ----------------------------------------------------------------------------------------
+
+def _f16(blocks: np.ndarray, off: int) -> np.ndarray:
+    """The half float at byte ``off`` of every block, as float32 (shape [..., 1])."""
+    bits = blocks[..., off].astype(np.uint16) | (blocks[..., off + 1].astype(np.uint16) << np.uint16(8))
+    return bits.view(np.float16).astype(np.float32)[..., None]
+
+
+def _k4_scales(sc12: np.ndarray):
+    """Unpack q4_k/q5_k 12-byte scale fields [..., 12] into (scales, mins) [..., 8] uint8."""
+    q = sc12
+    lo_sc = q[..., 0:4] & 63
+    lo_m = q[..., 4:8] & 63
+    hi_sc = (q[..., 8:12] & 15) | ((q[..., 0:4] >> 6) << 4)
+    hi_m = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    return np.concatenate([lo_sc, hi_sc], axis=-1), np.concatenate([lo_m, hi_m], axis=-1)
+
+
+def _deq_q8_0(b):
+    d = _f16(b, 0)
+    return d * b[..., 2:34].view(np.int8).astype(np.float32)
+
+
+def _deq_q4_0(b):
+    d = _f16(b, 0)
+    qs = b[..., 2:18]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int8) - np.int8(8)
+    return d * q.astype(np.float32)
+
+
+def _deq_q5_0(b):
+    d = _f16(b, 0)
+    qh = np.ascontiguousarray(b[..., 2:6]).view("<u4")  # [..., 1]
+    bits = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [..., 32]
+    qs = b[..., 6:22]
+    low = np.concatenate([qs & 15, qs >> 4], axis=-1)
+    q = (low | (bits << 4)).astype(np.int8) - np.int8(16)
+    return d * q.astype(np.float32)
+
+
+def _deq_k(b, with_high: bool):
+    shape = b.shape[:-1]
+    d = _f16(b, 0)
+    dmin = _f16(b, 2)
+    sc, m = _k4_scales(b[..., 4:16])
+    dl = (d * sc.astype(np.float32))[..., None]  # [..., 8, 1]
+    ml = (dmin * m.astype(np.float32))[..., None]
+    qs = b[..., -128:].reshape(shape + (4, 1, 32))
+    q = (qs >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15  # [..., 4, 2, 32]
+    q = q.reshape(shape + (8, 32))
+    if with_high:
+        qh = b[..., 16:48].reshape(shape + (1, 32))
+        hb = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [..., 8, 32]
+        q = q | (hb << 4)
+    return (dl * q.astype(np.float32) - ml).reshape(shape + (256,))
+
+
+def _deq_q4_k(b):
+    return _deq_k(b, False)
+
+
+def _deq_q5_k(b):
+    return _deq_k(b, True)
+
+
+def _deq_q6_k(b):
+    shape = b.shape[:-1]
+    ql = b[..., 0:128].reshape(shape + (2, 1, 64))
+    qh = b[..., 128:192].reshape(shape + (2, 1, 32))
+    sc = b[..., 192:208].view(np.int8).astype(np.float32)  # [..., 16]
+    d = _f16(b, 208)
+    low = (ql >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15  # [..., 2, 2, 64]
+    low = low.reshape(shape + (2, 4, 32))
+    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3  # [..., 2, 4, 32]
+    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    dl = (d * sc).reshape(shape + (16, 1))
+    return (dl * q.reshape(shape + (16, 16)).astype(np.float32)).reshape(shape + (256,))
+
+
+_DEQ = {
+    "q8_0": _deq_q8_0,
+    "q4_0": _deq_q4_0,
+    "q5_0": _deq_q5_0,
+    "q4_k": _deq_q4_k,
+    "q5_k": _deq_q5_k,
+    "q6_k": _deq_q6_k,
+}
+
+
+def _check_data(kind: str, data, cols: int) -> np.ndarray:
+    epb, bpb = block_info(kind)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise TensorShapeError(
+            f"{kind} data must be a 2-D uint8 array [rows, bytes_per_row], got "
+            f"{getattr(data, 'dtype', type(data).__name__)} with shape {getattr(data, 'shape', None)}")
+    cols = int(cols)
+    want = bytes_per_row(kind, cols)
+    if data.shape[1] != want:
+        raise TensorShapeError(
+            f"{kind} rows of {cols} elements take {want} bytes, but data has {data.shape[1]} bytes per row")
+    return data
+
+
+def dequantize(kind: str, data: np.ndarray, cols: int) -> np.ndarray:
+    """Dequantize ``data`` (uint8 [rows, bytes_per_row]) to float32 [rows, cols] (NumPy)."""
+    data = _check_data(kind, data, cols)
+    epb, bpb = BLOCK_INFO[kind]
+    rows = data.shape[0]
+    nb = int(cols) // epb
+    out = np.empty((rows, nb * epb), dtype=np.float32)
+    # Work in row groups to bound the temporaries (the reference builds several per block).
+    step = max(1, (1 << 18) // max(1, nb * epb))
+    for r in range(0, rows, step):
+        blocks = np.ascontiguousarray(data[r:r + step]).reshape(-1, nb, bpb)
+        out[r:r + step] = _DEQ[kind](blocks).reshape(-1, nb * epb)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Quantizers (ggml reference quantization, NumPy)
+# ----------------------------------------------------------------------------------------
+
+def _blocks_of(w, name: str) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise TensorShapeError(f"{name} expects a 2-D [rows, cols] array, got shape {w.shape}")
+    rows, cols = w.shape
+    if cols == 0 or cols % QK:
+        raise UnsupportedError(f"{name} needs cols to be a positive multiple of {QK}, got {cols}")
+    return np.ascontiguousarray(w, dtype=np.float32).reshape(rows, cols // QK, QK)
+
+
+def _f16_bytes(d: np.ndarray) -> np.ndarray:
+    """float32 [..., 1] -> uint8 [..., 2] little-endian half floats (round to nearest even)."""
+    return np.ascontiguousarray(d.astype(np.float16)).astype("<f2").view(np.uint8)
+
+
+def quantize_q8_0(w: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] -> q8_0 uint8 [rows, cols // 32 * 34] (ggml's reference rounding)."""
+    x = _blocks_of(w, "quantize_q8_0")
+    rows = x.shape[0]
+    d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    v = x * inv
+    a = np.abs(v)
+    fl = np.floor(a)
+    q = np.sign(v) * (fl + np.floor(np.float32(2) * (a - fl)))  # roundf: half away from zero
+    out = np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=-1)
+    return out.reshape(rows, -1)
+
+
+def quantize_q4_0(w: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] -> q4_0 uint8 [rows, cols // 32 * 18] (ggml's reference rounding)."""
+    x = _blocks_of(w, "quantize_q4_0")
+    rows = x.shape[0]
+    imax = np.abs(x).argmax(axis=-1)[..., None]  # first element of largest magnitude
+    mx = np.take_along_axis(x, imax, axis=-1)
+    d = mx / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np.trunc(x * inv + np.float32(8.5))
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    packed = q[..., :16] | (q[..., 16:] << np.uint8(4))
+    out = np.concatenate([_f16_bytes(d), packed], axis=-1)
+    return out.reshape(rows, -1)
+
+
+# ----------------------------------------------------------------------------------------
+# Numba kernels
+# ----------------------------------------------------------------------------------------
+
+_JIT = dict(parallel=True, cache=True, fastmath=False)
+_CHUNK = 8  # rows per parallel work item (per-item scratch is allocated once)
+
+# 2**(e - 25) for the half exponents e = 1..30; entry 0 is the subnormal step 2**-24.
+_F16_POW2 = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
+
+
+@njit(inline="always", cache=True)
+def _h2f(lo, hi):
+    """Little-endian IEEE half (two bytes) -> float32, exactly."""
+    h = np.int64(lo) | (np.int64(hi) << 8)
+    e = (h >> 10) & 31
+    m = h & 1023
+    if e == 0:
+        v = np.float32(m) * _F16_POW2[0]
+    elif e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(m + 1024) * _F16_POW2[e]
+    if h & 0x8000:
+        v = -v
+    return v
+
+
+@njit(inline="always", cache=True)
+def _lanes_sum(acc):
+    t = np.float32(0.0)
+    for j in range(32):
+        t += acc[j]
+    return t
+
+
+# --- per-row dot products (inlined into matvec and matmul, so both agree bit for bit) ---
+
+@njit(inline="always", cache=True)
+def _dot_q8_0(u, s, x, acc):
+    acc[:] = 0
+    nb = u.shape[0] // 34
+    for b in range(nb):
+        o = b * 34
+        d = _h2f(u[o], u[o + 1])
+        xb = b * 32
+        for j in range(32):
+            acc[j] += (d * np.float32(s[o + 2 + j])) * x[xb + j]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _dot_q4_0(u, s, x, acc):
+    acc[:] = 0
+    nb = u.shape[0] // 18
+    for b in range(nb):
+        o = b * 18
+        d = _h2f(u[o], u[o + 1])
+        xb = b * 32
+        for j in range(16):
+            v = np.int32(u[o + 2 + j])
+            acc[j] += (d * np.float32((v & 15) - 8)) * x[xb + j]
+            acc[j + 16] += (d * np.float32((v >> 4) - 8)) * x[xb + 16 + j]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _dot_q5_0(u, s, x, acc):
+    acc[:] = 0
+    nb = u.shape[0] // 22
+    for b in range(nb):
+        o = b * 22
+        d = _h2f(u[o], u[o + 1])
+        qh = (np.int64(u[o + 2]) | (np.int64(u[o + 3]) << 8)
+              | (np.int64(u[o + 4]) << 16) | (np.int64(u[o + 5]) << 24))
+        xb = b * 32
+        for j in range(16):
+            v = np.int64(u[o + 6 + j])
+            lo = (v & 15) | (((qh >> j) & 1) << 4)
+            hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            acc[j] += (d * np.float32(lo - 16)) * x[xb + j]
+            acc[j + 16] += (d * np.float32(hi - 16)) * x[xb + 16 + j]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _k4_scale_min(u, o, j):
+    """Scale and min (6-bit each) of sub-block j from the 12 bytes at u[o:o+12]."""
+    if j < 4:
+        sc = np.int64(u[o + j]) & 63
+        m = np.int64(u[o + j + 4]) & 63
+    else:
+        sc = (np.int64(u[o + j + 4]) & 15) | ((np.int64(u[o + j - 4]) >> 6) << 4)
+        m = (np.int64(u[o + j + 4]) >> 4) | ((np.int64(u[o + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit(inline="always", cache=True)
+def _dot_q4_k(u, s, x, acc):
+    acc[:] = 0
+    nb = u.shape[0] // 144
+    for b in range(nb):
+        o = b * 144
+        d = _h2f(u[o], u[o + 1])
+        dmin = _h2f(u[o + 2], u[o + 3])
+        xb = b * 256
+        for i in range(4):
+            sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
+            sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
+            dl0 = d * np.float32(sc0)
+            ml0 = dmin * np.float32(m0)
+            dl1 = d * np.float32(sc1)
+            ml1 = dmin * np.float32(m1)
+            qo = o + 16 + 32 * i
+            x0 = xb + 64 * i
+            for l in range(32):
+                v = np.int32(u[qo + l])
+                acc[l] += (dl0 * np.float32(v & 15) - ml0) * x[x0 + l]
+                acc[l] += (dl1 * np.float32(v >> 4) - ml1) * x[x0 + 32 + l]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _dot_q5_k(u, s, x, acc):
+    acc[:] = 0
+    nb = u.shape[0] // 176
+    for b in range(nb):
+        o = b * 176
+        d = _h2f(u[o], u[o + 1])
+        dmin = _h2f(u[o + 2], u[o + 3])
+        xb = b * 256
+        for i in range(4):
+            sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
+            sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
+            dl0 = d * np.float32(sc0)
+            ml0 = dmin * np.float32(m0)
+            dl1 = d * np.float32(sc1)
+            ml1 = dmin * np.float32(m1)
+            qo = o + 48 + 32 * i
+            ho = o + 16
+            x0 = xb + 64 * i
+            s0 = 2 * i
+            s1 = 2 * i + 1
+            for l in range(32):
+                v = np.int32(u[qo + l])
+                h = np.int32(u[ho + l])
+                q0 = (v & 15) | (((h >> s0) & 1) << 4)
+                q1 = (v >> 4) | (((h >> s1) & 1) << 4)
+                acc[l] += (dl0 * np.float32(q0) - ml0) * x[x0 + l]
+                acc[l] += (dl1 * np.float32(q1) - ml1) * x[x0 + 32 + l]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _dot_q6_k(u, s, x, acc):
+    acc[:] = 0
+    nb = u.shape[0] // 210
+    for b in range(nb):
+        o = b * 210
+        d = _h2f(u[o + 208], u[o + 209])
+        for h in range(2):
+            qlo = o + 64 * h
+            qho = o + 128 + 32 * h
+            sco = o + 192 + 8 * h
+            x0 = b * 256 + 128 * h
+            for half in range(2):
+                dl0 = d * np.float32(s[sco + half])
+                dl1 = d * np.float32(s[sco + half + 2])
+                dl2 = d * np.float32(s[sco + half + 4])
+                dl3 = d * np.float32(s[sco + half + 6])
+                l0 = 16 * half
+                for l in range(l0, l0 + 16):
+                    a = np.int32(u[qlo + l])
+                    c = np.int32(u[qlo + 32 + l])
+                    hb = np.int32(u[qho + l])
+                    q0 = ((a & 15) | ((hb & 3) << 4)) - 32
+                    q1 = ((c & 15) | (((hb >> 2) & 3) << 4)) - 32
+                    q2 = ((a >> 4) | (((hb >> 4) & 3) << 4)) - 32
+                    q3 = ((c >> 4) | (((hb >> 6) & 3) << 4)) - 32
+                    acc[l] += (dl0 * np.float32(q0)) * x[x0 + l]
+                    acc[l] += (dl1 * np.float32(q1)) * x[x0 + 32 + l]
+                    acc[l] += (dl2 * np.float32(q2)) * x[x0 + 64 + l]
+                    acc[l] += (dl3 * np.float32(q3)) * x[x0 + 96 + l]
+    return _lanes_sum(acc)
+
+
+# --- per-row dequantization into a float32 row ---
+
+@njit(inline="always", cache=True)
+def _row_q8_0(u, s, dst):
+    nb = u.shape[0] // 34
+    for b in range(nb):
+        o = b * 34
+        d = _h2f(u[o], u[o + 1])
+        for j in range(32):
+            dst[b * 32 + j] = d * np.float32(s[o + 2 + j])
+
+
+@njit(inline="always", cache=True)
+def _row_q4_0(u, s, dst):
+    nb = u.shape[0] // 18
+    for b in range(nb):
+        o = b * 18
+        d = _h2f(u[o], u[o + 1])
+        for j in range(16):
+            v = np.int32(u[o + 2 + j])
+            dst[b * 32 + j] = d * np.float32((v & 15) - 8)
+            dst[b * 32 + 16 + j] = d * np.float32((v >> 4) - 8)
+
+
+@njit(inline="always", cache=True)
+def _row_q5_0(u, s, dst):
+    nb = u.shape[0] // 22
+    for b in range(nb):
+        o = b * 22
+        d = _h2f(u[o], u[o + 1])
+        qh = (np.int64(u[o + 2]) | (np.int64(u[o + 3]) << 8)
+              | (np.int64(u[o + 4]) << 16) | (np.int64(u[o + 5]) << 24))
+        for j in range(16):
+            v = np.int64(u[o + 6 + j])
+            lo = (v & 15) | (((qh >> j) & 1) << 4)
+            hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            dst[b * 32 + j] = d * np.float32(lo - 16)
+            dst[b * 32 + 16 + j] = d * np.float32(hi - 16)
+
+
+@njit(inline="always", cache=True)
+def _row_k(u, dst, bpb, with_high):
+    nb = u.shape[0] // bpb
+    for b in range(nb):
+        o = b * bpb
+        d = _h2f(u[o], u[o + 1])
+        dmin = _h2f(u[o + 2], u[o + 3])
+        for i in range(4):
+            sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
+            sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
+            dl0 = d * np.float32(sc0)
+            ml0 = dmin * np.float32(m0)
+            dl1 = d * np.float32(sc1)
+            ml1 = dmin * np.float32(m1)
+            qo = o + bpb - 128 + 32 * i
+            y0 = b * 256 + 64 * i
+            for l in range(32):
+                v = np.int32(u[qo + l])
+                q0 = v & 15
+                q1 = v >> 4
+                if with_high:
+                    h = np.int32(u[o + 16 + l])
+                    q0 |= ((h >> (2 * i)) & 1) << 4
+                    q1 |= ((h >> (2 * i + 1)) & 1) << 4
+                dst[y0 + l] = dl0 * np.float32(q0) - ml0
+                dst[y0 + 32 + l] = dl1 * np.float32(q1) - ml1
+
+
+@njit(inline="always", cache=True)
+def _row_q4_k(u, s, dst):
+    _row_k(u, dst, 144, False)
+
+
+@njit(inline="always", cache=True)
+def _row_q5_k(u, s, dst):
+    _row_k(u, dst, 176, True)
+
+
+@njit(inline="always", cache=True)
+def _row_q6_k(u, s, dst):
+    nb = u.shape[0] // 210
+    for b in range(nb):
+        o = b * 210
+        d = _h2f(u[o + 208], u[o + 209])
+        for h in range(2):
+            qlo = o + 64 * h
+            qho = o + 128 + 32 * h
+            sco = o + 192 + 8 * h
+            y0 = b * 256 + 128 * h
+            for l in range(32):
+                k = l // 16
+                a = np.int32(u[qlo + l])
+                c = np.int32(u[qlo + 32 + l])
+                hb = np.int32(u[qho + l])
+                dst[y0 + l] = (d * np.float32(s[sco + k])) * np.float32(((a & 15) | ((hb & 3) << 4)) - 32)
+                dst[y0 + 32 + l] = (d * np.float32(s[sco + k + 2])) * np.float32(
+                    ((c & 15) | (((hb >> 2) & 3) << 4)) - 32)
+                dst[y0 + 64 + l] = (d * np.float32(s[sco + k + 4])) * np.float32(
+                    ((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
+                dst[y0 + 96 + l] = (d * np.float32(s[sco + k + 6])) * np.float32(
+                    ((c >> 4) | (((hb >> 6) & 3) << 4)) - 32)
+
+
+# --- the parallel kernels: one trio per kind (kept explicit so each compiles on its own) ---
+
+@njit(**_JIT)
+def matvec_q8_0(data, x, out):
+    """out[r] = sum_c W[r, c] * x[c] for q8_0 ``data`` [rows, cols//32*34]."""
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _dot_q8_0(data[r], sd[r], x, acc)
+
+
+@njit(**_JIT)
+def matvec_q4_0(data, x, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _dot_q4_0(data[r], sd[r], x, acc)
+
+
+@njit(**_JIT)
+def matvec_q5_0(data, x, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _dot_q5_0(data[r], sd[r], x, acc)
+
+
+@njit(**_JIT)
+def matvec_q4_k(data, x, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _dot_q4_k(data[r], sd[r], x, acc)
+
+
+@njit(**_JIT)
+def matvec_q5_k(data, x, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _dot_q5_k(data[r], sd[r], x, acc)
+
+
+@njit(**_JIT)
+def matvec_q6_k(data, x, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _dot_q6_k(data[r], sd[r], x, acc)
+
+
+@njit(**_JIT)
+def matmul_q8_0(data, X, out):
+    """out[t, r] = sum_c W[r, c] * X[t, c]; X float32 [T, cols], out float32 [T, rows]."""
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            for t in range(X.shape[0]):
+                out[t, r] = _dot_q8_0(data[r], sd[r], X[t], acc)
+
+
+@njit(**_JIT)
+def matmul_q4_0(data, X, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            for t in range(X.shape[0]):
+                out[t, r] = _dot_q4_0(data[r], sd[r], X[t], acc)
+
+
+@njit(**_JIT)
+def matmul_q5_0(data, X, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            for t in range(X.shape[0]):
+                out[t, r] = _dot_q5_0(data[r], sd[r], X[t], acc)
+
+
+@njit(**_JIT)
+def matmul_q4_k(data, X, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            for t in range(X.shape[0]):
+                out[t, r] = _dot_q4_k(data[r], sd[r], X[t], acc)
+
+
+@njit(**_JIT)
+def matmul_q5_k(data, X, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            for t in range(X.shape[0]):
+                out[t, r] = _dot_q5_k(data[r], sd[r], X[t], acc)
+
+
+@njit(**_JIT)
+def matmul_q6_k(data, X, out):
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            for t in range(X.shape[0]):
+                out[t, r] = _dot_q6_k(data[r], sd[r], X[t], acc)
+
+
+@njit(**_JIT)
+def dequant_rows_q8_0(data, r0, r1, out):
+    """out[i, :] = dequantized row r0 + i, for i in range(r1 - r0)."""
+    sd = data.view(np.int8)
+    for i in prange(r1 - r0):
+        _row_q8_0(data[r0 + i], sd[r0 + i], out[i])
+
+
+@njit(**_JIT)
+def dequant_rows_q4_0(data, r0, r1, out):
+    sd = data.view(np.int8)
+    for i in prange(r1 - r0):
+        _row_q4_0(data[r0 + i], sd[r0 + i], out[i])
+
+
+@njit(**_JIT)
+def dequant_rows_q5_0(data, r0, r1, out):
+    sd = data.view(np.int8)
+    for i in prange(r1 - r0):
+        _row_q5_0(data[r0 + i], sd[r0 + i], out[i])
+
+
+@njit(**_JIT)
+def dequant_rows_q4_k(data, r0, r1, out):
+    sd = data.view(np.int8)
+    for i in prange(r1 - r0):
+        _row_q4_k(data[r0 + i], sd[r0 + i], out[i])
+
+
+@njit(**_JIT)
+def dequant_rows_q5_k(data, r0, r1, out):
+    sd = data.view(np.int8)
+    for i in prange(r1 - r0):
+        _row_q5_k(data[r0 + i], sd[r0 + i], out[i])
+
+
+@njit(**_JIT)
+def dequant_rows_q6_k(data, r0, r1, out):
+    sd = data.view(np.int8)
+    for i in prange(r1 - r0):
+        _row_q6_k(data[r0 + i], sd[r0 + i], out[i])
+
+
+MATVEC = {
+    "q8_0": matvec_q8_0, "q4_0": matvec_q4_0, "q5_0": matvec_q5_0,
+    "q4_k": matvec_q4_k, "q5_k": matvec_q5_k, "q6_k": matvec_q6_k,
+}
+MATMUL = {
+    "q8_0": matmul_q8_0, "q4_0": matmul_q4_0, "q5_0": matmul_q5_0,
+    "q4_k": matmul_q4_k, "q5_k": matmul_q5_k, "q6_k": matmul_q6_k,
+}
+DEQUANT_ROWS = {
+    "q8_0": dequant_rows_q8_0, "q4_0": dequant_rows_q4_0, "q5_0": dequant_rows_q5_0,
+    "q4_k": dequant_rows_q4_k, "q5_k": dequant_rows_q5_k, "q6_k": dequant_rows_q6_k,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatchers (shape checks + argument normalisation -> one specialisation per kernel)
+# ----------------------------------------------------------------------------------------
+
+def _readonly(a: np.ndarray, dtype) -> np.ndarray:
+    """A read-only, C-contiguous, plain-ndarray view of ``a`` as ``dtype`` (copy only if needed)."""
+    if type(a) is not np.ndarray or a.dtype != dtype or not a.flags.c_contiguous or not a.flags.aligned:
+        a = np.ascontiguousarray(a, dtype=dtype)
+        if type(a) is not np.ndarray:
+            a = a.view(np.ndarray)
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+def _qdata(kind: str, data) -> tuple:
+    epb, bpb = block_info(kind)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise TensorShapeError(
+            f"{kind} data must be a 2-D uint8 array [rows, bytes_per_row], got "
+            f"{getattr(data, 'dtype', type(data).__name__)} with shape {getattr(data, 'shape', None)}")
+    if data.shape[1] == 0 or data.shape[1] % bpb:
+        raise TensorShapeError(f"{kind} rows must be whole {bpb}-byte blocks, got {data.shape[1]} bytes per row")
+    return _readonly(data, np.uint8), data.shape[1] // bpb * epb
+
+
+def _out(out, shape, what):
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise TensorShapeError(f"{what}: out must be a writable C-contiguous float32 array of shape {shape}, "
+                               f"got {getattr(out, 'dtype', None)} {getattr(out, 'shape', None)}")
+    return out
+
+
+def matvec(kind: str, data: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``out[r] = sum_c W[r, c] * x[c]`` for quantized ``data``; returns ``out`` (allocated if None)."""
+    data, cols = _qdata(kind, data)
+    x = _readonly(x, np.float32)
+    if x.shape != (cols,):
+        raise TensorShapeError(f"matvec {kind}: x must have shape ({cols},), got {x.shape}")
+    out = _out(out, (data.shape[0],), f"matvec {kind}")
+    MATVEC[kind](data, x, out)
+    return out
+
+
+def matmul(kind: str, data: np.ndarray, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``out[t, r] = sum_c W[r, c] * X[t, c]`` (X [T, cols] -> out [T, rows]) on the blocks."""
+    data, cols = _qdata(kind, data)
+    X = _readonly(X, np.float32)
+    if X.ndim != 2 or X.shape[1] != cols:
+        raise TensorShapeError(f"matmul {kind}: X must have shape (T, {cols}), got {X.shape}")
+    out = _out(out, (X.shape[0], data.shape[0]), f"matmul {kind}")
+    MATMUL[kind](data, X, out)
+    return out
+
+
+def dequantize_rows_into(kind: str, data: np.ndarray, r0: int, r1: int,
+                         out: np.ndarray | None = None) -> np.ndarray:
+    """Fill float32 ``out[r1 - r0, cols]`` with rows ``r0:r1`` of the weight (parallel Numba)."""
+    data, cols = _qdata(kind, data)
+    r0, r1 = int(r0), int(r1)
+    if not 0 <= r0 <= r1 <= data.shape[0]:
+        raise TensorShapeError(f"dequantize_rows_into {kind}: bad row range {r0}:{r1} of {data.shape[0]} rows")
+    out = _out(out, (r1 - r0, cols), f"dequantize_rows_into {kind}")
+    DEQUANT_ROWS[kind](data, r0, r1, out)
+    return out
