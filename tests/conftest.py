@@ -65,3 +65,34 @@ def fixture_dirs():
     if not FIXTURES.exists():
         return []
     return sorted(p for p in FIXTURES.iterdir() if (p / "reference.npz").exists())
+
+
+CORPUS = (
+    "The capital of France is Paris. Once upon a time there was a naïve café owner in 日本語 "
+    "land who liked 🙂 and numbers 0123456789. The quick brown fox jumps over the lazy dog. "
+) * 4
+
+
+def byte_level_tokenizer(vocab_size=60, specials=("<unk>", "<s>", "</s>")):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    return tok
+
+
+@pytest.fixture
+def tiny_model_with_tokenizer(make_checkpoint):
+    """A tiny random Llama whose vocabulary is a byte-level BPE (multi-byte chars span tokens)."""
+    tok = byte_level_tokenizer(vocab_size=300)
+    V = tok.get_vocab_size()
+    cfg = dict(TINY_LLAMA, vocab_size=V)
+    d = make_checkpoint(config=cfg)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>"}))
+    return d

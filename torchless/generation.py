@@ -65,24 +65,29 @@ def generate_ids(model, prompt, max_new_tokens, temperature, top_k, top_p, min_p
     logits = model.prefill(state, ids)
     history = list(ids)
     decoder = StreamDecoder(model.tokenizer, ids) if need_text else None
-    text = ""
+    text, shown = "", 0  # all decoded text; how much of it has been yielded
     for n in range(max_new_tokens):
         tok = sample(logits, rng, temperature, top_k, top_p, min_p, history, repetition_penalty)
         history.append(tok)
-        piece = ""
         if decoder is not None and tok not in eos:
-            piece = decoder.push(tok)
-            text += piece
-        if stops and any(s in text for s in stops):
-            cut = min(text.find(s) for s in stops if s in text)
-            before = len(text) - len(piece)
-            yield tok, piece[: max(0, cut - before)]
-            return
-        yield tok, piece
+            text += decoder.push(tok)
+        if stops:
+            hits = [text.find(s) for s in stops if s in text]
+            if hits:
+                yield tok, text[shown:min(hits)]
+                return
+            # hold back a tail that could still become a stop string
+            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                       default=0)
+            safe = len(text) - hold
+        else:
+            safe = len(text)
+        yield tok, text[shown:safe]
+        shown = max(shown, safe)
         if tok in eos or n == max_new_tokens - 1:
             break
         logits = model.fast_forward(state, tok)
     if decoder is not None:
-        tail = decoder.flush()
-        if tail:
-            yield None, tail
+        text += decoder.flush()
+        if len(text) > shown:
+            yield None, text[shown:]
