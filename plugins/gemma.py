@@ -143,3 +143,65 @@ def register_architectures(register):
     register(GEMMA)
     register(GEMMA2)
     register(GEMMA3)
+
+
+# ---- GGUF ------------------------------------------------------------------------------
+# llama.cpp's converter stores Gemma norm weights with the +1 already added, so a GGUF Gemma
+# uses plain RMSNorm (w * x / rms), which is the same function.
+
+def _gguf_common(g):
+    from torchless.gguf_config import gguf_fields
+
+    f = gguf_fields(g)
+    f.update(norm="rms", activation="gelu_tanh", embed_scale=math.sqrt(f["hidden_size"]))
+    return f
+
+
+def gemma_from_gguf(g):
+    from torchless import ModelConfig
+
+    return ModelConfig(architecture="gemma", variant="gemma", **_gguf_common(g))
+
+
+def _gguf_attn_scale(f, layers_27b):
+    # llama.cpp: the 27B models scale by (hidden / heads)^-0.5, the others by head_dim^-0.5,
+    # which is what query_pre_attn_scalar gives in each released config.
+    if f["num_layers"] == layers_27b:
+        return (f["hidden_size"] / f["num_heads"]) ** -0.5
+    return f["head_dim"] ** -0.5
+
+
+def gemma2_from_gguf(g):
+    from torchless import ModelConfig
+
+    f = _gguf_common(g)
+    a = g.architecture
+    W = g.get(f"{a}.attention.sliding_window", int, 4096)
+    f.update(residual="sandwich", attn_scale=_gguf_attn_scale(f, 46),
+             attn_softcap=g.get(f"{a}.attn_logit_softcapping", float, 50.0),
+             final_softcap=g.get(f"{a}.final_logit_softcapping", float, 30.0),
+             layer_windows=[W if (i + 1) % 2 else None for i in range(f["num_layers"])])
+    return ModelConfig(architecture="gemma", variant="gemma2", **f)
+
+
+def gemma3_from_gguf(g):
+    from torchless import ModelConfig
+    from torchless.rope import RopeConfig
+
+    f = _gguf_common(g)
+    a = g.architecture
+    W = g.get(f"{a}.attention.sliding_window", int, 4096)
+    local = [bool((i + 1) % 6) for i in range(f["num_layers"])]  # llama.cpp: pattern of 6
+    glob = f["ropes"]["default"]
+    f.update(residual="sandwich", qk_norm="rms", attn_scale=_gguf_attn_scale(f, 62),
+             final_softcap=g.get(f"{a}.final_logit_softcapping", float, None),
+             layer_windows=[W if s else None for s in local],
+             layer_rope=["local" if s else "global" for s in local],
+             ropes={"global": glob,
+                    "local": RopeConfig(rotary_dim=glob.rotary_dim, theta=10000.0)})
+    return ModelConfig(architecture="gemma", variant="gemma3_text", **f)
+
+
+GEMMA.config_from_gguf = gemma_from_gguf
+GEMMA2.config_from_gguf = gemma2_from_gguf
+GEMMA3.config_from_gguf = gemma3_from_gguf

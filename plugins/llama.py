@@ -34,3 +34,24 @@ LLAMA = ArchitectureSpec(
 @hookimpl
 def register_architectures(register):
     register(LLAMA)
+
+
+def config_from_gguf(g):
+    from torchless.gguf_config import gguf_config
+
+    return gguf_config("llama", "llama", g)
+
+
+def gguf_fixup(canonical, w, cfg):
+    # llama.cpp's converter permutes q/k rows for interleaved RoPE; we rotate split halves.
+    from torchless.gguf_config import unpermute_rows
+
+    if canonical == "attn_q":
+        return unpermute_rows(w, cfg.num_heads)
+    if canonical == "attn_k":
+        return unpermute_rows(w, cfg.num_kv_heads)
+    return w
+
+
+LLAMA.config_from_gguf = config_from_gguf
+LLAMA.gguf_fixup = gguf_fixup

@@ -105,3 +105,53 @@ PHI3 = ArchitectureSpec(
 def register_architectures(register):
     register(PHI2)
     register(PHI3)
+
+
+# ---- GGUF ------------------------------------------------------------------------------
+def phi3_from_gguf(g):
+    from torchless.gguf_config import gguf_config
+
+    a = g.architecture
+    cfg = gguf_config("phi", "phi3", g)
+    W = g.get(f"{a}.attention.sliding_window", int, 0) or None
+    cfg.layer_windows = [W] * cfg.num_layers
+    if "rope_factors_long.weight" in g.tensor_infos:
+        from torchless.rope import RopeConfig
+
+        rc = cfg.ropes["default"]
+        O = g.get(f"{a}.rope.scaling.original_context_length", int, 4096)
+        af = g.get(f"{a}.rope.scaling.attn_factor", float, None)
+        cfg.ropes["default"] = RopeConfig(
+            rotary_dim=rc.rotary_dim, theta=rc.theta, rope_type="longrope",
+            max_position_embeddings=cfg.max_position_embeddings,
+            original_max_position_embeddings=O,
+            params={"short_factor": g.tensor("rope_factors_short.weight").to_f32().tolist(),
+                    "long_factor": g.tensor("rope_factors_long.weight").to_f32().tolist(),
+                    "attention_factor": af})
+    return cfg
+
+
+def phi3_gguf_tensors(cfg):
+    from torchless.gguf_config import identity_tensor_map
+
+    # llama.cpp keeps Phi-3's fused gate/up projection under the name ffn_up.
+    return identity_tensor_map(phi3_tensors(cfg), rename={"ffn_gate_up": "ffn_up"})
+
+
+def phi2_from_gguf(g):
+    from torchless.gguf_config import gguf_config
+
+    return gguf_config("phi", "phi", g, norm="layernorm", activation="gelu_tanh", mlp="dense",
+                       residual="parallel")
+
+
+def phi2_gguf_tensors(cfg):
+    from torchless.gguf_config import identity_tensor_map
+
+    return identity_tensor_map(phi2_tensors(cfg))
+
+
+PHI3.config_from_gguf = phi3_from_gguf
+PHI3.gguf_tensor_map = phi3_gguf_tensors
+PHI2.config_from_gguf = phi2_from_gguf
+PHI2.gguf_tensor_map = phi2_gguf_tensors

@@ -124,3 +124,16 @@ def register_architectures(register):
     register(QWEN1)
     register(QWEN2)
     register(QWEN3)
+
+
+def _gguf(variant, **kw):
+    def config_from_gguf(g):
+        from torchless.gguf_config import gguf_config
+
+        return gguf_config("qwen", variant, g, **kw)
+
+    return config_from_gguf
+
+
+QWEN2.config_from_gguf = _gguf("qwen2")
+QWEN3.config_from_gguf = _gguf("qwen3", qk_norm="rms")

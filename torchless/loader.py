@@ -20,6 +20,8 @@ def _resolve_spec(params: Parameters, family: str | None):
     if params.format == "gguf":
         arch = params.gguf.architecture
         spec = reg.detect_gguf(arch)
+        if spec is not None and spec.config_from_gguf is None:
+            spec = None
         if spec is None or (family and spec.family != family):
             if family:
                 cands = [s for s in reg.variants(family) if s.config_from_gguf]
@@ -51,7 +53,13 @@ def _resolve_spec(params: Parameters, family: str | None):
 
 def gather_tensors(params: Parameters, spec, cfg) -> dict:
     """Canonical name -> Weight for every tensor the config needs, with clear errors."""
-    tmap = spec.tensor_map(cfg)
+    if params.format == "gguf":
+        from .gguf_config import identity_tensor_map
+
+        tmap = (spec.gguf_tensor_map(cfg) if spec.gguf_tensor_map
+                else identity_tensor_map(spec.tensor_map(cfg)))
+    else:
+        tmap = spec.tensor_map(cfg)
     shapes = expected_shapes(cfg)
     out = {}
     wanted = [(c, None) for c in tmap.globals] + [

@@ -48,6 +48,7 @@ class ArchitectureSpec:
 
     ``config_from_hf(hf_config: dict) -> ModelConfig`` translates ``config.json``;
     ``config_from_gguf(gguf_file) -> ModelConfig`` translates GGUF metadata (optional);
+    ``gguf_tensor_map(cfg) -> TensorMap`` names GGUF tensors (default: canonical names);
     ``tensor_map(cfg) -> TensorMap`` names the checkpoint's tensors;
     ``gguf_fixup(canonical, weight, cfg) -> Weight`` undoes GGUF converter layout changes;
     ``model_class`` overrides the shared decoder (rarely needed).
@@ -64,6 +65,7 @@ class ArchitectureSpec:
     aliases: tuple = ()
     tensor_pattern: TensorNamePattern | None = None
     config_from_gguf: Callable | None = None
+    gguf_tensor_map: Callable | None = None  # default: GGUF names of tensor_map's tensors
     gguf_fixup: Callable | None = None
     model_class: type | None = None
     plugin: str = field(default="", compare=False)

@@ -1,0 +1,114 @@
+"""``torchless bench``: load time, time to first token, prefill and decode speed, peak memory,
+and decode speed as a fraction of this machine's memory-bandwidth ceiling.
+
+Decoding one token reads every weight once, so tokens/s can be at most
+``bandwidth / bytes_read_per_token``; the bandwidth is measured here, by the same kind of
+Numba loop the kernels use, reading a buffer much larger than the caches.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def _sum_chunks(a, out):
+    n = a.shape[0]
+    chunks = out.shape[0]
+    step = (n + chunks - 1) // chunks
+    for c in prange(chunks):
+        s = np.float32(0.0)
+        for i in range(c * step, min(n, (c + 1) * step)):
+            s += a[i]
+        out[c] = s
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Sustained read bandwidth in bytes/s (best of ``repeats`` passes over ``nbytes``)."""
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    out = np.zeros(256, dtype=np.float32)
+    _sum_chunks(a, out)  # compile and fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _sum_chunks(a, out)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads: every layer weight, the output matrix, one
+    embedding row."""
+    total = 0
+    for layer in model.layers:
+        total += sum(w.nbytes for w in layer.w.values())
+    total += model.output.nbytes
+    total += model.embed.nbytes // max(model.embed.rows, 1)
+    return total
+
+
+def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
+              threads: int | None = None, quantize: str | None = None, lazy: bool = False,
+              bandwidth: float | None = None) -> dict:
+    from .loader import ModelLoader
+    from .threads import set_num_threads
+
+    n_threads = set_num_threads(threads)
+    if model_path is None:
+        from .demo import default_model_path
+
+        model_path = default_model_path()
+    t0 = time.perf_counter()
+    model = ModelLoader.load_auto(model_path, lazy=lazy, quantize=quantize)
+    load_s = time.perf_counter() - t0
+    V = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(0, V, prompt_tokens)]
+
+    # time to first token: a short prompt in a fresh state (kernels compiled or cached)
+    t0 = time.perf_counter()
+    state = model.new_state()
+    model.prefill(state, prompt[:20])
+    first_token_s = time.perf_counter() - t0
+
+    state = model.new_state()
+    t0 = time.perf_counter()
+    logits = model.prefill(state, prompt)
+    prefill_s = time.perf_counter() - t0
+
+    tok = int(np.argmax(logits))
+    model.fast_forward(state, tok)  # warm
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        model.fast_forward(state, tok)
+        tok = int(np.argmax(state.logits))
+    decode_s = time.perf_counter() - t0
+
+    bw = bandwidth if bandwidth is not None else measure_bandwidth()
+    decode_tps = new_tokens / decode_s
+    per_token = bytes_per_token(model)
+    return {
+        "model": str(model_path),
+        "architecture": model.config.variant,
+        "weights": quantize or sorted({w.kind for L in model.layers for w in L.w.values()}),
+        "threads": n_threads,
+        "load_s": round(load_s, 3),
+        "first_token_s": round(first_token_s, 3),
+        "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),
+        "decode_tokens_per_s": round(decode_tps, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "bandwidth_gb_s": round(bw / 1e9, 2),
+        "bytes_per_token_mb": round(per_token / 1e6, 2),
+        "ceiling_tokens_per_s": round(bw / per_token, 2),
+        "ceiling_fraction": round(decode_tps * per_token / bw, 3),
+        "pid": os.getpid(),
+    }

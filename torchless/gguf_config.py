@@ -1,0 +1,97 @@
+"""Helpers plugins use to translate GGUF metadata (``{arch}.embedding_length`` ...) into a
+:class:`ModelConfig`, and to undo the layout changes GGUF converters make.
+
+Tensor names in GGUF are already torchless's canonical names (``blk.N.attn_q.weight``), so
+the default GGUF tensor map is the identity.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .plugins import TensorMap
+from .rope import RopeConfig
+from .weights import Weight
+
+
+def gguf_fields(g, *, default_theta: float = 10000.0) -> dict:
+    """The common hyper-parameters of a GGUF decoder."""
+    a = g.architecture
+
+    def key(k, t=int, default=...):
+        if default is ...:
+            return g.get(f"{a}.{k}", t)
+        return g.get(f"{a}.{k}", t, default)
+
+    H = key("embedding_length")
+    nH = key("attention.head_count")
+    if isinstance(nH, list):  # per-layer head counts
+        nH = int(nH[0])
+    nKV = key("attention.head_count_kv", default=nH)
+    if isinstance(nKV, list):
+        nKV = int(nKV[0])
+    D = key("attention.key_length", default=H // nH)
+    L = key("block_count")
+    inter = key("feed_forward_length")
+    if isinstance(inter, list):
+        inter = int(inter[0])
+    eps = key("attention.layer_norm_rms_epsilon", float, None)
+    if eps is None:
+        eps = key("attention.layer_norm_epsilon", float, 1e-5)
+    if "token_embd.weight" not in g.tensor_infos:
+        raise ConfigError(f"{g.path}: GGUF has no token_embd.weight")
+    vocab = int(g.tensor_infos["token_embd.weight"].shape[0])
+    rot = key("rope.dimension_count", default=D)
+    theta = key("rope.freq_base", float, default_theta)
+    ctx = key("context_length", default=None)
+    scaling = key("rope.scaling.type", str, "none")
+    factor = key("rope.scaling.factor", float, None)
+    orig = key("rope.scaling.original_context_length", default=None)
+    if scaling in ("none", "") or not factor or factor == 1.0:
+        rope = RopeConfig(rotary_dim=rot, theta=theta, max_position_embeddings=ctx)
+    elif scaling == "linear":
+        rope = RopeConfig(rotary_dim=rot, theta=theta, rope_type="linear", factor=factor,
+                          max_position_embeddings=ctx)
+    elif scaling == "yarn":
+        rope = RopeConfig(rotary_dim=rot, theta=theta, rope_type="yarn", factor=factor,
+                          max_position_embeddings=ctx, original_max_position_embeddings=orig)
+    else:
+        raise ConfigError(f"{g.path}: unsupported GGUF rope scaling type {scaling!r}")
+    bos = g.get("tokenizer.ggml.bos_token_id", int, None)
+    eos = [g.get(k, int, None) for k in ("tokenizer.ggml.eos_token_id",
+                                        "tokenizer.ggml.eot_token_id")]
+    return dict(
+        vocab_size=vocab, hidden_size=H, num_layers=L, num_heads=nH, num_kv_heads=nKV,
+        head_dim=D, intermediate_size=inter, norm_eps=float(eps),
+        tie_embeddings="output.weight" not in g.tensor_infos, ropes={"default": rope},
+        max_position_embeddings=ctx, bos_token_id=bos,
+        eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
+        raw={k: v for k, v in g.metadata.items() if not k.startswith("tokenizer.ggml.")},
+    )
+
+
+def gguf_config(family: str, variant: str, g, **overrides) -> ModelConfig:
+    fields = gguf_fields(g)
+    fields.update(overrides)
+    return ModelConfig(architecture=family, variant=variant, **fields)
+
+
+def identity_tensor_map(tmap: TensorMap, rename: dict | None = None) -> TensorMap:
+    """GGUF names for the canonical tensors an HF map lists (optionally renamed)."""
+    rename = rename or {}
+    return TensorMap(globals={k: rename.get(k, k) for k in tmap.globals},
+                     layers={k: rename.get(k, k) for k in tmap.layers},
+                     layer_prefix="blk.{i}.")
+
+
+def unpermute_rows(w: Weight, n_heads: int) -> Weight:
+    """Undo the llama GGUF converter's q/k row permutation (interleaved RoPE pairs back to
+    split halves): within each head, GGUF row ``2i`` is HF row ``i`` and ``2i+1`` is
+    ``i + D/2``. Rows are independent in every storage kind, so this works on blocks too."""
+    data = w.data
+    rows = data.shape[0]
+    D = rows // n_heads
+    idx = np.arange(rows).reshape(n_heads, D // 2, 2).transpose(0, 2, 1).reshape(-1)
+    new = np.ascontiguousarray(data[idx])
+    return Weight(w.name, w.kind, w.shape, new)
