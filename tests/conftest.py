@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(os.environ.get("TORCHLESS_FIXTURES", Path(__file__).parent / "fixtures"))
 
 
 def llama_tensors(cfg: dict, seed: int = 0, prefix="model.") -> dict:
