@@ -43,10 +43,16 @@ To keep the number of Numba specialisations small, go through the dispatchers
 always pass read-only C-contiguous uint8 2-D ``data`` and read-only float32 inputs (the
 same types a read-only memory map yields).
 """
+
 from __future__ import annotations
 
+import os
+import platform
+
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from ..errors import TensorShapeError, UnsupportedError
 
@@ -67,16 +73,30 @@ __all__ = [
     "BLOCK_INFO",
     "block_info",
     "bytes_per_row",
+    "dequant_rows_q4_0",
+    "dequant_rows_q4_k",
+    "dequant_rows_q5_0",
+    "dequant_rows_q5_k",
+    "dequant_rows_q6_k",
+    "dequant_rows_q8_0",
     "dequantize",
     "dequantize_rows_into",
-    "matvec",
     "matmul",
-    "quantize_q8_0",
+    "matmul_q4_0",
+    "matmul_q4_k",
+    "matmul_q5_0",
+    "matmul_q5_k",
+    "matmul_q6_k",
+    "matmul_q8_0",
+    "matvec",
+    "matvec_q4_0",
+    "matvec_q4_k",
+    "matvec_q5_0",
+    "matvec_q5_k",
+    "matvec_q6_k",
+    "matvec_q8_0",
     "quantize_q4_0",
-    "matvec_q8_0", "matvec_q4_0", "matvec_q5_0", "matvec_q4_k", "matvec_q5_k", "matvec_q6_k",
-    "matmul_q8_0", "matmul_q4_0", "matmul_q5_0", "matmul_q4_k", "matmul_q5_k", "matmul_q6_k",
-    "dequant_rows_q8_0", "dequant_rows_q4_0", "dequant_rows_q5_0",
-    "dequant_rows_q4_k", "dequant_rows_q5_k", "dequant_rows_q6_k",
+    "quantize_q8_0",
 ]
 
 
@@ -85,14 +105,18 @@ def block_info(kind: str) -> tuple:
     try:
         return BLOCK_INFO[kind]
     except (KeyError, TypeError):
-        raise UnsupportedError(f"unsupported quantized kind {kind!r}; known: {', '.join(BLOCK_INFO)}") from None
+        raise UnsupportedError(
+            f"unsupported quantized kind {kind!r}; known: {', '.join(BLOCK_INFO)}"
+        ) from None
 
 
 def bytes_per_row(kind: str, cols: int) -> int:
     """Bytes one row of ``cols`` elements takes; ``cols`` must be a whole number of blocks."""
     epb, bpb = block_info(kind)
     if cols <= 0 or cols % epb:
-        raise UnsupportedError(f"{kind} needs a row length that is a positive multiple of {epb}, got {cols}")
+        raise UnsupportedError(
+            f"{kind} needs a row length that is a positive multiple of {epb}, got {cols}"
+        )
     return cols // epb * bpb
 
 
@@ -100,9 +124,12 @@ def bytes_per_row(kind: str, cols: int) -> int:
 # NumPy reference
 # ----------------------------------------------------------------------------------------
 
+
 def _f16(blocks: np.ndarray, off: int) -> np.ndarray:
     """The half float at byte ``off`` of every block, as float32 (shape [..., 1])."""
-    bits = blocks[..., off].astype(np.uint16) | (blocks[..., off + 1].astype(np.uint16) << np.uint16(8))
+    bits = blocks[..., off].astype(np.uint16) | (
+        blocks[..., off + 1].astype(np.uint16) << np.uint16(8)
+    )
     return bits.view(np.float16).astype(np.float32)[..., None]
 
 
@@ -188,16 +215,20 @@ _DEQ = {
 
 
 def _check_data(kind: str, data, cols: int) -> np.ndarray:
-    epb, bpb = block_info(kind)
+    block_info(kind)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
         raise TensorShapeError(
             f"{kind} data must be a 2-D uint8 array [rows, bytes_per_row], got "
-            f"{getattr(data, 'dtype', type(data).__name__)} with shape {getattr(data, 'shape', None)}")
+            f"{getattr(data, 'dtype', type(data).__name__)} "
+            f"with shape {getattr(data, 'shape', None)}"
+        )
     cols = int(cols)
     want = bytes_per_row(kind, cols)
     if data.shape[1] != want:
         raise TensorShapeError(
-            f"{kind} rows of {cols} elements take {want} bytes, but data has {data.shape[1]} bytes per row")
+            f"{kind} rows of {cols} elements take {want} bytes, "
+            f"but data has {data.shape[1]} bytes per row"
+        )
     return data
 
 
@@ -211,14 +242,15 @@ def dequantize(kind: str, data: np.ndarray, cols: int) -> np.ndarray:
     # Work in row groups to bound the temporaries (the reference builds several per block).
     step = max(1, (1 << 18) // max(1, nb * epb))
     for r in range(0, rows, step):
-        blocks = np.ascontiguousarray(data[r:r + step]).reshape(-1, nb, bpb)
-        out[r:r + step] = _DEQ[kind](blocks).reshape(-1, nb * epb)
+        blocks = np.ascontiguousarray(data[r : r + step]).reshape(-1, nb, bpb)
+        out[r : r + step] = _DEQ[kind](blocks).reshape(-1, nb * epb)
     return out
 
 
 # ----------------------------------------------------------------------------------------
 # Quantizers (ggml reference quantization, NumPy)
 # ----------------------------------------------------------------------------------------
+
 
 def _blocks_of(w, name: str) -> np.ndarray:
     w = np.asarray(w)
@@ -270,85 +302,112 @@ def quantize_q4_0(w: np.ndarray) -> np.ndarray:
 # Numba kernels
 # ----------------------------------------------------------------------------------------
 
-_JIT = dict(parallel=True, cache=True, fastmath=False)
+_JIT = {"parallel": True, "cache": True, "fastmath": False}
 _CHUNK = 8  # rows per parallel work item (per-item scratch is allocated once)
+_F32 = np.float32
+
+
+def _to_i32(builder, val, ty):
+    i32 = ir.IntType(32)
+    width = val.type.width
+    if width == 32:
+        return val
+    if width > 32:
+        return builder.trunc(val, i32)
+    return builder.sext(val, i32) if ty.signed else builder.zext(val, i32)
+
+
+@intrinsic
+def _ubits(typingctx, v, shift, mask):
+    """``float32((v >> shift) & mask)`` computed in 32-bit integers.
+
+    Numba widens all integer arithmetic to 64 bits, which halves the SIMD width of the
+    unpacking loops and forces int64 -> float conversions; doing the few bit operations
+    in i32 lets LLVM vectorise them at the width of the float32 lanes. ``v`` is taken as
+    its low 32 bits (zero-extended when narrower and unsigned).
+    """
+    if not all(isinstance(t, types.Integer) for t in (v, shift, mask)):
+        return None
+    sig = types.float32(v, shift, mask)
+
+    def codegen(context, builder, signature, args):
+        a, sh, mk = (_to_i32(builder, val, ty) for val, ty in zip(args, signature.args))
+        return builder.sitofp(builder.and_(builder.lshr(a, sh), mk), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _h2f_native(typingctx, lo, hi):
+    """Little-endian IEEE half (two byte values) -> float32 via LLVM's ``fpext half``
+    (one F16C / AVX512-FP16 / NEON instruction). Exact for every bit pattern."""
+    if not (isinstance(lo, types.Integer) and isinstance(hi, types.Integer)):
+        return None
+    sig = types.float32(lo, hi)
+
+    def codegen(context, builder, signature, args):
+        i16 = ir.IntType(16)
+        a, b = (
+            builder.trunc(_to_i32(builder, val, ty), i16) for val, ty in zip(args, signature.args)
+        )
+        bits = builder.or_(
+            builder.and_(a, ir.Constant(i16, 0xFF)), builder.shl(b, ir.Constant(i16, 8))
+        )
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
 
 # 2**(e - 25) for the half exponents e = 1..30; entry 0 is the subnormal step 2**-24.
-_F16_POW2 = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
+_F16_POW2 = np.array([2.0**-24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
 
 
 @njit(inline="always", cache=True)
-def _h2f(lo, hi):
-    """Little-endian IEEE half (two bytes) -> float32, exactly."""
-    h = np.int64(lo) | (np.int64(hi) << 8)
+def _h2f_soft(lo, hi):
+    """Portable half -> float32 (exact), for hosts whose LLVM cannot convert halves inline."""
+    h = (np.int64(lo) & 255) | ((np.int64(hi) & 255) << 8)
     e = (h >> 10) & 31
     m = h & 1023
     if e == 0:
-        v = np.float32(m) * _F16_POW2[0]
+        v = _F32(m) * _F16_POW2[0]
     elif e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+        v = _F32(np.inf) if m == 0 else _F32(np.nan)
     else:
-        v = np.float32(m + 1024) * _F16_POW2[e]
+        v = _F32(m + 1024) * _F16_POW2[e]
     if h & 0x8000:
         v = -v
     return v
 
 
+def _host_converts_halves() -> bool:
+    """True when LLVM lowers ``fpext half`` to an instruction on this host (no libcall)."""
+    if os.environ.get("TORCHLESS_SOFT_F16"):
+        return False
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine in ("x86_64", "amd64"):
+        try:
+            from llvmlite import binding as llvm
+
+            return bool(llvm.get_host_cpu_features().get("f16c", False))
+        except (AttributeError, RuntimeError, OSError):  # pragma: no cover - unusual llvmlite
+            return False
+    return False
+
+
+HALF_NATIVE = _host_converts_halves()
+_h2f = _h2f_native if HALF_NATIVE else _h2f_soft
+
+
 @njit(inline="always", cache=True)
 def _lanes_sum(acc):
-    t = np.float32(0.0)
-    for j in range(32):
-        t += acc[j]
-    return t
-
-
-# --- per-row dot products (inlined into matvec and matmul, so both agree bit for bit) ---
-
-@njit(inline="always", cache=True)
-def _dot_q8_0(u, s, x, acc):
-    acc[:] = 0
-    nb = u.shape[0] // 34
-    for b in range(nb):
-        o = b * 34
-        d = _h2f(u[o], u[o + 1])
-        xb = b * 32
-        for j in range(32):
-            acc[j] += (d * np.float32(s[o + 2 + j])) * x[xb + j]
-    return _lanes_sum(acc)
-
-
-@njit(inline="always", cache=True)
-def _dot_q4_0(u, s, x, acc):
-    acc[:] = 0
-    nb = u.shape[0] // 18
-    for b in range(nb):
-        o = b * 18
-        d = _h2f(u[o], u[o + 1])
-        xb = b * 32
-        for j in range(16):
-            v = np.int32(u[o + 2 + j])
-            acc[j] += (d * np.float32((v & 15) - 8)) * x[xb + j]
-            acc[j + 16] += (d * np.float32((v >> 4) - 8)) * x[xb + 16 + j]
-    return _lanes_sum(acc)
-
-
-@njit(inline="always", cache=True)
-def _dot_q5_0(u, s, x, acc):
-    acc[:] = 0
-    nb = u.shape[0] // 22
-    for b in range(nb):
-        o = b * 22
-        d = _h2f(u[o], u[o + 1])
-        qh = (np.int64(u[o + 2]) | (np.int64(u[o + 3]) << 8)
-              | (np.int64(u[o + 4]) << 16) | (np.int64(u[o + 5]) << 24))
-        xb = b * 32
-        for j in range(16):
-            v = np.int64(u[o + 6 + j])
-            lo = (v & 15) | (((qh >> j) & 1) << 4)
-            hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            acc[j] += (d * np.float32(lo - 16)) * x[xb + j]
-            acc[j + 16] += (d * np.float32(hi - 16)) * x[xb + 16 + j]
-    return _lanes_sum(acc)
+    """Sum of the 32 lanes in a fixed pairwise order (short dependency chain)."""
+    for j in range(16):
+        acc[j] += acc[j + 16]
+    for j in range(8):
+        acc[j] += acc[j + 8]
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 
 
 @njit(inline="always", cache=True)
@@ -360,70 +419,115 @@ def _k4_scale_min(u, o, j):
     else:
         sc = (np.int64(u[o + j + 4]) & 15) | ((np.int64(u[o + j - 4]) >> 6) << 4)
         m = (np.int64(u[o + j + 4]) >> 4) | ((np.int64(u[o + j]) >> 6) << 4)
-    return sc, m
+    return _F32(sc), _F32(m)
+
+
+@njit(inline="always", cache=True)
+def _qh32(u, o):
+    """The little-endian uint32 at u[o:o+4] (the q5_0 high bits)."""
+    return (
+        np.uint32(u[o])
+        | (np.uint32(u[o + 1]) << 8)
+        | (np.uint32(u[o + 2]) << 16)
+        | (np.uint32(u[o + 3]) << 24)
+    )
+
+
+# --- per-row dot products (inlined into matvec and matmul, so both agree bit for bit) ---
+# Every weight is first dequantized exactly as the NumPy reference does, then multiplied
+# by x and added into lane c % 32 of ``acc``.
+
+
+@njit(inline="always", cache=True)
+def _dot_q8_0(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 34):
+        o = b * 34
+        d = _h2f(u[o], u[o + 1])
+        xb = b * 32
+        for j in range(32):
+            acc[j] += (d * _F32(s[o + 2 + j])) * x[xb + j]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _dot_q4_0(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 18):
+        o = b * 18
+        d = _h2f(u[o], u[o + 1])
+        xb = b * 32
+        for j in range(16):
+            v = u[o + 2 + j]
+            acc[j] += (d * (_ubits(v, 0, 15) - _F32(8))) * x[xb + j]
+            acc[j + 16] += (d * (_ubits(v, 4, 15) - _F32(8))) * x[xb + 16 + j]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _dot_q5_0(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 22):
+        o = b * 22
+        d = _h2f(u[o], u[o + 1])
+        qh = _qh32(u, o + 2)
+        xb = b * 32
+        for j in range(16):
+            v = u[o + 6 + j]
+            lo = _ubits(v, 0, 15) + _F32(16) * _ubits(qh, j, 1)
+            hi = _ubits(v, 4, 15) + _F32(16) * _ubits(qh, j + 16, 1)
+            acc[j] += (d * (lo - _F32(16))) * x[xb + j]
+            acc[j + 16] += (d * (hi - _F32(16))) * x[xb + 16 + j]
+    return _lanes_sum(acc)
 
 
 @njit(inline="always", cache=True)
 def _dot_q4_k(u, s, x, acc):
     acc[:] = 0
-    nb = u.shape[0] // 144
-    for b in range(nb):
+    for b in range(u.shape[0] // 144):
         o = b * 144
         d = _h2f(u[o], u[o + 1])
         dmin = _h2f(u[o + 2], u[o + 3])
-        xb = b * 256
         for i in range(4):
             sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
             sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
-            dl0 = d * np.float32(sc0)
-            ml0 = dmin * np.float32(m0)
-            dl1 = d * np.float32(sc1)
-            ml1 = dmin * np.float32(m1)
+            dl0, ml0, dl1, ml1 = d * sc0, dmin * m0, d * sc1, dmin * m1
             qo = o + 16 + 32 * i
-            x0 = xb + 64 * i
+            x0 = b * 256 + 64 * i
             for l in range(32):
-                v = np.int32(u[qo + l])
-                acc[l] += (dl0 * np.float32(v & 15) - ml0) * x[x0 + l]
-                acc[l] += (dl1 * np.float32(v >> 4) - ml1) * x[x0 + 32 + l]
+                v = u[qo + l]
+                acc[l] += (dl0 * _ubits(v, 0, 15) - ml0) * x[x0 + l]
+                acc[l] += (dl1 * _ubits(v, 4, 15) - ml1) * x[x0 + 32 + l]
     return _lanes_sum(acc)
 
 
 @njit(inline="always", cache=True)
 def _dot_q5_k(u, s, x, acc):
     acc[:] = 0
-    nb = u.shape[0] // 176
-    for b in range(nb):
+    for b in range(u.shape[0] // 176):
         o = b * 176
         d = _h2f(u[o], u[o + 1])
         dmin = _h2f(u[o + 2], u[o + 3])
-        xb = b * 256
         for i in range(4):
             sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
             sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
-            dl0 = d * np.float32(sc0)
-            ml0 = dmin * np.float32(m0)
-            dl1 = d * np.float32(sc1)
-            ml1 = dmin * np.float32(m1)
+            dl0, ml0, dl1, ml1 = d * sc0, dmin * m0, d * sc1, dmin * m1
             qo = o + 48 + 32 * i
-            ho = o + 16
-            x0 = xb + 64 * i
-            s0 = 2 * i
-            s1 = 2 * i + 1
+            x0 = b * 256 + 64 * i
             for l in range(32):
-                v = np.int32(u[qo + l])
-                h = np.int32(u[ho + l])
-                q0 = (v & 15) | (((h >> s0) & 1) << 4)
-                q1 = (v >> 4) | (((h >> s1) & 1) << 4)
-                acc[l] += (dl0 * np.float32(q0) - ml0) * x[x0 + l]
-                acc[l] += (dl1 * np.float32(q1) - ml1) * x[x0 + 32 + l]
+                v = u[qo + l]
+                h = u[o + 16 + l]
+                q0 = _ubits(v, 0, 15) + _F32(16) * _ubits(h, 2 * i, 1)
+                q1 = _ubits(v, 4, 15) + _F32(16) * _ubits(h, 2 * i + 1, 1)
+                acc[l] += (dl0 * q0 - ml0) * x[x0 + l]
+                acc[l] += (dl1 * q1 - ml1) * x[x0 + 32 + l]
     return _lanes_sum(acc)
 
 
 @njit(inline="always", cache=True)
 def _dot_q6_k(u, s, x, acc):
     acc[:] = 0
-    nb = u.shape[0] // 210
-    for b in range(nb):
+    for b in range(u.shape[0] // 210):
         o = b * 210
         d = _h2f(u[o + 208], u[o + 209])
         for h in range(2):
@@ -431,109 +535,105 @@ def _dot_q6_k(u, s, x, acc):
             qho = o + 128 + 32 * h
             sco = o + 192 + 8 * h
             x0 = b * 256 + 128 * h
-            for half in range(2):
-                dl0 = d * np.float32(s[sco + half])
-                dl1 = d * np.float32(s[sco + half + 2])
-                dl2 = d * np.float32(s[sco + half + 4])
-                dl3 = d * np.float32(s[sco + half + 6])
-                l0 = 16 * half
-                for l in range(l0, l0 + 16):
-                    a = np.int32(u[qlo + l])
-                    c = np.int32(u[qlo + 32 + l])
-                    hb = np.int32(u[qho + l])
-                    q0 = ((a & 15) | ((hb & 3) << 4)) - 32
-                    q1 = ((c & 15) | (((hb >> 2) & 3) << 4)) - 32
-                    q2 = ((a >> 4) | (((hb >> 4) & 3) << 4)) - 32
-                    q3 = ((c >> 4) | (((hb >> 6) & 3) << 4)) - 32
-                    acc[l] += (dl0 * np.float32(q0)) * x[x0 + l]
-                    acc[l] += (dl1 * np.float32(q1)) * x[x0 + 32 + l]
-                    acc[l] += (dl2 * np.float32(q2)) * x[x0 + 64 + l]
-                    acc[l] += (dl3 * np.float32(q3)) * x[x0 + 96 + l]
+            for k in range(2):  # scales change every 16 elements
+                dl0 = d * _F32(s[sco + k])
+                dl1 = d * _F32(s[sco + k + 2])
+                dl2 = d * _F32(s[sco + k + 4])
+                dl3 = d * _F32(s[sco + k + 6])
+                for l in range(16 * k, 16 * k + 16):
+                    a = u[qlo + l]
+                    c = u[qlo + 32 + l]
+                    hb = u[qho + l]
+                    q0 = _ubits(a, 0, 15) + _F32(16) * _ubits(hb, 0, 3) - _F32(32)
+                    q1 = _ubits(c, 0, 15) + _F32(16) * _ubits(hb, 2, 3) - _F32(32)
+                    q2 = _ubits(a, 4, 15) + _F32(16) * _ubits(hb, 4, 3) - _F32(32)
+                    q3 = _ubits(c, 4, 15) + _F32(16) * _ubits(hb, 6, 3) - _F32(32)
+                    acc[l] += (dl0 * q0) * x[x0 + l]
+                    acc[l] += (dl1 * q1) * x[x0 + 32 + l]
+                    acc[l] += (dl2 * q2) * x[x0 + 64 + l]
+                    acc[l] += (dl3 * q3) * x[x0 + 96 + l]
     return _lanes_sum(acc)
 
 
-# --- per-row dequantization into a float32 row ---
+# --- per-row dequantization into a float32 row (same arithmetic as the dot products) ---
+
 
 @njit(inline="always", cache=True)
 def _row_q8_0(u, s, dst):
-    nb = u.shape[0] // 34
-    for b in range(nb):
+    for b in range(u.shape[0] // 34):
         o = b * 34
         d = _h2f(u[o], u[o + 1])
         for j in range(32):
-            dst[b * 32 + j] = d * np.float32(s[o + 2 + j])
+            dst[b * 32 + j] = d * _F32(s[o + 2 + j])
 
 
 @njit(inline="always", cache=True)
 def _row_q4_0(u, s, dst):
-    nb = u.shape[0] // 18
-    for b in range(nb):
+    for b in range(u.shape[0] // 18):
         o = b * 18
         d = _h2f(u[o], u[o + 1])
         for j in range(16):
-            v = np.int32(u[o + 2 + j])
-            dst[b * 32 + j] = d * np.float32((v & 15) - 8)
-            dst[b * 32 + 16 + j] = d * np.float32((v >> 4) - 8)
+            v = u[o + 2 + j]
+            dst[b * 32 + j] = d * (_ubits(v, 0, 15) - _F32(8))
+            dst[b * 32 + 16 + j] = d * (_ubits(v, 4, 15) - _F32(8))
 
 
 @njit(inline="always", cache=True)
 def _row_q5_0(u, s, dst):
-    nb = u.shape[0] // 22
-    for b in range(nb):
+    for b in range(u.shape[0] // 22):
         o = b * 22
         d = _h2f(u[o], u[o + 1])
-        qh = (np.int64(u[o + 2]) | (np.int64(u[o + 3]) << 8)
-              | (np.int64(u[o + 4]) << 16) | (np.int64(u[o + 5]) << 24))
+        qh = _qh32(u, o + 2)
         for j in range(16):
-            v = np.int64(u[o + 6 + j])
-            lo = (v & 15) | (((qh >> j) & 1) << 4)
-            hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            dst[b * 32 + j] = d * np.float32(lo - 16)
-            dst[b * 32 + 16 + j] = d * np.float32(hi - 16)
+            v = u[o + 6 + j]
+            lo = _ubits(v, 0, 15) + _F32(16) * _ubits(qh, j, 1)
+            hi = _ubits(v, 4, 15) + _F32(16) * _ubits(qh, j + 16, 1)
+            dst[b * 32 + j] = d * (lo - _F32(16))
+            dst[b * 32 + 16 + j] = d * (hi - _F32(16))
 
 
 @njit(inline="always", cache=True)
-def _row_k(u, dst, bpb, with_high):
-    nb = u.shape[0] // bpb
-    for b in range(nb):
-        o = b * bpb
+def _row_q4_k(u, s, dst):
+    for b in range(u.shape[0] // 144):
+        o = b * 144
         d = _h2f(u[o], u[o + 1])
         dmin = _h2f(u[o + 2], u[o + 3])
         for i in range(4):
             sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
             sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
-            dl0 = d * np.float32(sc0)
-            ml0 = dmin * np.float32(m0)
-            dl1 = d * np.float32(sc1)
-            ml1 = dmin * np.float32(m1)
-            qo = o + bpb - 128 + 32 * i
+            dl0, ml0, dl1, ml1 = d * sc0, dmin * m0, d * sc1, dmin * m1
+            qo = o + 16 + 32 * i
             y0 = b * 256 + 64 * i
             for l in range(32):
-                v = np.int32(u[qo + l])
-                q0 = v & 15
-                q1 = v >> 4
-                if with_high:
-                    h = np.int32(u[o + 16 + l])
-                    q0 |= ((h >> (2 * i)) & 1) << 4
-                    q1 |= ((h >> (2 * i + 1)) & 1) << 4
-                dst[y0 + l] = dl0 * np.float32(q0) - ml0
-                dst[y0 + 32 + l] = dl1 * np.float32(q1) - ml1
-
-
-@njit(inline="always", cache=True)
-def _row_q4_k(u, s, dst):
-    _row_k(u, dst, 144, False)
+                v = u[qo + l]
+                dst[y0 + l] = dl0 * _ubits(v, 0, 15) - ml0
+                dst[y0 + 32 + l] = dl1 * _ubits(v, 4, 15) - ml1
 
 
 @njit(inline="always", cache=True)
 def _row_q5_k(u, s, dst):
-    _row_k(u, dst, 176, True)
+    for b in range(u.shape[0] // 176):
+        o = b * 176
+        d = _h2f(u[o], u[o + 1])
+        dmin = _h2f(u[o + 2], u[o + 3])
+        for i in range(4):
+            sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
+            sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
+            dl0, ml0, dl1, ml1 = d * sc0, dmin * m0, d * sc1, dmin * m1
+            qo = o + 48 + 32 * i
+            y0 = b * 256 + 64 * i
+            for l in range(32):
+                v = u[qo + l]
+                h = u[o + 16 + l]
+                dst[y0 + l] = dl0 * (_ubits(v, 0, 15) + _F32(16) * _ubits(h, 2 * i, 1)) - ml0
+                dst[y0 + 32 + l] = (
+                    dl1 * (_ubits(v, 4, 15) + _F32(16) * _ubits(h, 2 * i + 1, 1)) - ml1
+                )
 
 
 @njit(inline="always", cache=True)
 def _row_q6_k(u, s, dst):
-    nb = u.shape[0] // 210
-    for b in range(nb):
+    for b in range(u.shape[0] // 210):
         o = b * 210
         d = _h2f(u[o + 208], u[o + 209])
         for h in range(2):
@@ -541,21 +641,29 @@ def _row_q6_k(u, s, dst):
             qho = o + 128 + 32 * h
             sco = o + 192 + 8 * h
             y0 = b * 256 + 128 * h
-            for l in range(32):
-                k = l // 16
-                a = np.int32(u[qlo + l])
-                c = np.int32(u[qlo + 32 + l])
-                hb = np.int32(u[qho + l])
-                dst[y0 + l] = (d * np.float32(s[sco + k])) * np.float32(((a & 15) | ((hb & 3) << 4)) - 32)
-                dst[y0 + 32 + l] = (d * np.float32(s[sco + k + 2])) * np.float32(
-                    ((c & 15) | (((hb >> 2) & 3) << 4)) - 32)
-                dst[y0 + 64 + l] = (d * np.float32(s[sco + k + 4])) * np.float32(
-                    ((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
-                dst[y0 + 96 + l] = (d * np.float32(s[sco + k + 6])) * np.float32(
-                    ((c >> 4) | (((hb >> 6) & 3) << 4)) - 32)
+            for k in range(2):
+                dl0 = d * _F32(s[sco + k])
+                dl1 = d * _F32(s[sco + k + 2])
+                dl2 = d * _F32(s[sco + k + 4])
+                dl3 = d * _F32(s[sco + k + 6])
+                for l in range(16 * k, 16 * k + 16):
+                    a = u[qlo + l]
+                    c = u[qlo + 32 + l]
+                    hb = u[qho + l]
+                    dst[y0 + l] = dl0 * (_ubits(a, 0, 15) + _F32(16) * _ubits(hb, 0, 3) - _F32(32))
+                    dst[y0 + 32 + l] = dl1 * (
+                        _ubits(c, 0, 15) + _F32(16) * _ubits(hb, 2, 3) - _F32(32)
+                    )
+                    dst[y0 + 64 + l] = dl2 * (
+                        _ubits(a, 4, 15) + _F32(16) * _ubits(hb, 4, 3) - _F32(32)
+                    )
+                    dst[y0 + 96 + l] = dl3 * (
+                        _ubits(c, 4, 15) + _F32(16) * _ubits(hb, 6, 3) - _F32(32)
+                    )
 
 
 # --- the parallel kernels: one trio per kind (kept explicit so each compiles on its own) ---
+
 
 @njit(**_JIT)
 def matvec_q8_0(data, x, out):
@@ -729,16 +837,28 @@ def dequant_rows_q6_k(data, r0, r1, out):
 
 
 MATVEC = {
-    "q8_0": matvec_q8_0, "q4_0": matvec_q4_0, "q5_0": matvec_q5_0,
-    "q4_k": matvec_q4_k, "q5_k": matvec_q5_k, "q6_k": matvec_q6_k,
+    "q8_0": matvec_q8_0,
+    "q4_0": matvec_q4_0,
+    "q5_0": matvec_q5_0,
+    "q4_k": matvec_q4_k,
+    "q5_k": matvec_q5_k,
+    "q6_k": matvec_q6_k,
 }
 MATMUL = {
-    "q8_0": matmul_q8_0, "q4_0": matmul_q4_0, "q5_0": matmul_q5_0,
-    "q4_k": matmul_q4_k, "q5_k": matmul_q5_k, "q6_k": matmul_q6_k,
+    "q8_0": matmul_q8_0,
+    "q4_0": matmul_q4_0,
+    "q5_0": matmul_q5_0,
+    "q4_k": matmul_q4_k,
+    "q5_k": matmul_q5_k,
+    "q6_k": matmul_q6_k,
 }
 DEQUANT_ROWS = {
-    "q8_0": dequant_rows_q8_0, "q4_0": dequant_rows_q4_0, "q5_0": dequant_rows_q5_0,
-    "q4_k": dequant_rows_q4_k, "q5_k": dequant_rows_q5_k, "q6_k": dequant_rows_q6_k,
+    "q8_0": dequant_rows_q8_0,
+    "q4_0": dequant_rows_q4_0,
+    "q5_0": dequant_rows_q5_0,
+    "q4_k": dequant_rows_q4_k,
+    "q5_k": dequant_rows_q5_k,
+    "q6_k": dequant_rows_q6_k,
 }
 
 
@@ -746,9 +866,15 @@ DEQUANT_ROWS = {
 # Dispatchers (shape checks + argument normalisation -> one specialisation per kernel)
 # ----------------------------------------------------------------------------------------
 
+
 def _readonly(a: np.ndarray, dtype) -> np.ndarray:
     """A read-only, C-contiguous, plain-ndarray view of ``a`` as ``dtype`` (copy only if needed)."""
-    if type(a) is not np.ndarray or a.dtype != dtype or not a.flags.c_contiguous or not a.flags.aligned:
+    if (
+        type(a) is not np.ndarray
+        or a.dtype != dtype
+        or not a.flags.c_contiguous
+        or not a.flags.aligned
+    ):
         a = np.ascontiguousarray(a, dtype=dtype)
         if type(a) is not np.ndarray:
             a = a.view(np.ndarray)
@@ -763,24 +889,35 @@ def _qdata(kind: str, data) -> tuple:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
         raise TensorShapeError(
             f"{kind} data must be a 2-D uint8 array [rows, bytes_per_row], got "
-            f"{getattr(data, 'dtype', type(data).__name__)} with shape {getattr(data, 'shape', None)}")
+            f"{getattr(data, 'dtype', type(data).__name__)} "
+            f"with shape {getattr(data, 'shape', None)}"
+        )
     if data.shape[1] == 0 or data.shape[1] % bpb:
-        raise TensorShapeError(f"{kind} rows must be whole {bpb}-byte blocks, got {data.shape[1]} bytes per row")
+        raise TensorShapeError(
+            f"{kind} rows must be whole {bpb}-byte blocks, got {data.shape[1]} bytes per row"
+        )
     return _readonly(data, np.uint8), data.shape[1] // bpb * epb
 
 
 def _out(out, shape, what):
     if out is None:
         return np.empty(shape, dtype=np.float32)
-    if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != shape
-            or not out.flags.c_contiguous or not out.flags.writeable):
-        raise TensorShapeError(f"{what}: out must be a writable C-contiguous float32 array of shape {shape}, "
-                               f"got {getattr(out, 'dtype', None)} {getattr(out, 'shape', None)}")
+    if (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.float32
+        or out.shape != shape
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise TensorShapeError(
+            f"{what}: out must be a writable C-contiguous float32 array of shape {shape}, "
+            f"got {getattr(out, 'dtype', None)} {getattr(out, 'shape', None)}"
+        )
     return out
 
 
 def matvec(kind: str, data: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``out[r] = sum_c W[r, c] * x[c]`` for quantized ``data``; returns ``out`` (allocated if None)."""
+    """``out[r] = sum_c W[r, c] * x[c]`` on quantized ``data``; returns ``out`` (new if None)."""
     data, cols = _qdata(kind, data)
     x = _readonly(x, np.float32)
     if x.shape != (cols,):
@@ -801,13 +938,26 @@ def matmul(kind: str, data: np.ndarray, X: np.ndarray, out: np.ndarray | None = 
     return out
 
 
-def dequantize_rows_into(kind: str, data: np.ndarray, r0: int, r1: int,
-                         out: np.ndarray | None = None) -> np.ndarray:
-    """Fill float32 ``out[r1 - r0, cols]`` with rows ``r0:r1`` of the weight (parallel Numba)."""
+def dequantize_rows_into(
+    kind: str, data: np.ndarray, r0: int, r1: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows ``r0:r1`` of the weight as float32 into ``out[:r1 - r0]`` (parallel Numba).
+
+    ``out`` is a float32 ``[n, cols]`` tile with ``n >= r1 - r0`` (allocated when None);
+    returns the filled part ``out[:r1 - r0]``.
+    """
     data, cols = _qdata(kind, data)
     r0, r1 = int(r0), int(r1)
     if not 0 <= r0 <= r1 <= data.shape[0]:
-        raise TensorShapeError(f"dequantize_rows_into {kind}: bad row range {r0}:{r1} of {data.shape[0]} rows")
-    out = _out(out, (r1 - r0, cols), f"dequantize_rows_into {kind}")
+        raise TensorShapeError(
+            f"dequantize_rows_into {kind}: bad row range {r0}:{r1} of {data.shape[0]} rows"
+        )
+    what = f"dequantize_rows_into {kind}"
+    if out is None:
+        out = np.empty((r1 - r0, cols), dtype=np.float32)
+    elif isinstance(out, np.ndarray) and out.ndim == 2 and out.shape[0] >= r1 - r0:
+        out = _out(out[: r1 - r0], (r1 - r0, cols), what)
+    else:
+        _out(out, (r1 - r0, cols), what)  # raises with a clear message
     DEQUANT_ROWS[kind](data, r0, r1, out)
     return out
