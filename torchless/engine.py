@@ -74,7 +74,9 @@ class DecoderModel:
         self.spec = spec
         self.params = params
         self.tokenizer = tokenizer
-        self._assemble(tensors)
+        # An eager model owns its weights, so it may lay q/k/v (and gate/up) out as one
+        # matrix: one kernel call instead of three. A lazy one keeps the file's layout.
+        self._assemble(tensors, fuse=params is None or not params.lazy)
 
     # ---- the Model protocol ----------------------------------------------------------------
     @property
@@ -112,7 +114,7 @@ class DecoderModel:
         return self._step(state, list(ids), fast=False, all_logits=all_logits)
 
     # ---- assembling -------------------------------------------------------------------------
-    def _assemble(self, tensors: dict) -> None:
+    def _assemble(self, tensors: dict, fuse: bool = False) -> None:
         cfg = self.config
         shapes = expected_shapes(cfg)
         for name, w in tensors.items():
@@ -144,6 +146,9 @@ class DecoderModel:
                     layer.b[canon] = _f32(w)
                 else:
                     layer.w[canon] = w
+            if fuse:
+                _fuse(layer, ("attn_q", "attn_k", "attn_v"), "attn_qkv")
+                _fuse(layer, ("ffn_gate", "ffn_up"), "ffn_gate_up")
             self.layers.append(layer)
         self._zeros_h = np.zeros(cfg.hidden_size, np.float32)
         self._zeros_d = np.zeros(cfg.head_dim, np.float32)
@@ -328,6 +333,25 @@ class DecoderModel:
                 yield piece
 
 
+def _fuse(layer: Layer, parts: tuple, fused: str) -> None:
+    """Concatenate same-kind weights row-wise (and their biases) into one fused weight."""
+    ws = [layer.w.get(p) for p in parts]
+    if any(w is None for w in ws) or len({w.kind for w in ws}) != 1 or fused in layer.w:
+        return
+    if any(w.data.ndim != 2 for w in ws) or len({w.data.shape[1] for w in ws}) != 1:
+        return
+    data = np.concatenate([w.data for w in ws], axis=0)
+    shape = (sum(w.shape[0] for w in ws), ws[0].shape[1])
+    layer.w[fused] = Weight(fused, ws[0].kind, shape, data)
+    biases = [layer.b.get(p) for p in parts]
+    if any(b is not None for b in biases):
+        layer.b[fused] = np.concatenate([
+            b if b is not None else np.zeros(w.shape[0], np.float32) for b, w in zip(biases, ws)])
+    for p in parts:
+        layer.w.pop(p)
+        layer.b.pop(p, None)
+
+
 def _f32(w):
     if w is None:
         return None
@@ -377,15 +401,17 @@ class _FastOps:
     def norm(x, kind, w, b, eps):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
-        ko.norm_rows(x, w, b if b is not None else np.zeros_like(w), np.float32(eps),
-                     NORM_CODES[kind], out)
+        kernel = ko.norm_rows if x.shape[0] * x.shape[1] > 65536 else ko.norm_rows_serial
+        kernel(x, w, b if b is not None else np.zeros_like(w), np.float32(eps),
+               NORM_CODES[kind], out)
         return out
 
     @staticmethod
     def act(x, kind):
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
-        ko.gated_act(x, np.ones_like(x), ACT_CODES[kind], out)
+        kernel = ko.gated_act if x.size > 65536 else ko.gated_act_serial
+        kernel(x, np.ones_like(x), ACT_CODES[kind], out)
         return out
 
     @staticmethod
@@ -393,14 +419,16 @@ class _FastOps:
         g = np.ascontiguousarray(g, dtype=np.float32)
         u = np.ascontiguousarray(u, dtype=np.float32)
         out = np.empty_like(g)
-        ko.gated_act(g, u, ACT_CODES[kind], out)
+        kernel = ko.gated_act if g.size > 65536 else ko.gated_act_serial
+        kernel(g, u, ACT_CODES[kind], out)
         return out
 
     @staticmethod
     def rope(x, cos, sin, rot):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if rot:
-            ko.rope_rows(x, cos, sin, rot)
+            kernel = ko.rope_rows if x.size > 65536 else ko.rope_rows_serial
+            kernel(x, cos, sin, rot)
         return x
 
     @staticmethod

@@ -155,7 +155,7 @@ class Parameters:
 
     def nbytes(self, name: str) -> int:
         if self.gguf is not None:
-            return int(self.gguf.tensor_infos[name].nbytes)
+            return int(self.gguf.tensor_infos[name].nbytes or 0)
         return self._index[name].entries[name].nbytes
 
     def get(self, name: str, copy: bool | None = None) -> Weight:

@@ -58,10 +58,11 @@ def test_norm_rows(n, rows, kind, seed):
     x = _rand(seed, rows, n, scale=3.0)
     w = _rand(seed + 1, n)
     b = _rand(seed + 2, n)
-    out = np.empty_like(x)
-    ko.norm_rows(x, w, b, np.float32(1e-5), {"rms": 0, "rms1p": 1, "layernorm": 2}[kind], out)
     expected = ref.norm(x, kind, w, b if kind == "layernorm" else None, 1e-5)
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    for kernel in (ko.norm_rows, ko.norm_rows_serial):
+        out = np.empty_like(x)
+        kernel(x, w, b, np.float32(1e-5), {"rms": 0, "rms1p": 1, "layernorm": 2}[kind], out)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
 @SETTINGS
@@ -70,9 +71,10 @@ def test_norm_rows(n, rows, kind, seed):
 def test_gated_activation(T, n, kind, seed):
     g = _rand(seed, T, n, scale=4.0)
     u = _rand(seed + 1, T, n)
-    out = np.empty_like(g)
-    ko.gated_act(g, u, {"silu": 0, "gelu_tanh": 1, "gelu": 2}[kind], out)
-    np.testing.assert_allclose(out, ref.activation(g, kind) * u, rtol=1e-5, atol=1e-6)
+    for kernel in (ko.gated_act, ko.gated_act_serial):
+        out = np.empty_like(g)
+        kernel(g, u, {"silu": 0, "gelu_tanh": 1, "gelu": 2}[kind], out)
+        np.testing.assert_allclose(out, ref.activation(g, kind) * u, rtol=1e-5, atol=1e-6)
 
 
 @SETTINGS
@@ -85,8 +87,10 @@ def test_rope(T, heads, half, extra, seed):
     inv = (1.0 / (10000.0 ** (np.arange(0, rot, 2) / rot))).astype(np.float32)
     cos, sin = ref.rope_angles(np.arange(3, 3 + T), inv, 1.1)
     expected = ref.rope(x, cos, sin, rot)
-    ko.rope_rows(x, cos, sin, rot)
-    np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-6)
+    for kernel in (ko.rope_rows, ko.rope_rows_serial):
+        y = x.copy()
+        kernel(y, cos, sin, rot)
+        np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
 
 
 @SETTINGS

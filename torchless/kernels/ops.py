@@ -48,21 +48,53 @@ def norm_rows(x, w, b, eps, kind, out):
         _norm_row(x[r], w, b, eps, kind, out[r])
 
 
+@njit(cache=True)
+def norm_rows_serial(x, w, b, eps, kind, out):
+    """:func:`norm_rows` without a parallel region (decode: a few rows, no fork/join)."""
+    for r in range(x.shape[0]):
+        _norm_row(x[r], w, b, eps, kind, out[r])
+
+
+@njit(cache=True)
+def _gated_row(gate, up, kind, out):
+    n = gate.shape[0]
+    for i in range(n):
+        g = gate[i]
+        if kind == ACT_SILU:
+            a = g / (np.float32(1.0) + np.exp(-g))
+        elif kind == ACT_GELU_TANH:
+            a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(
+                SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)))
+        else:
+            a = np.float32(0.5) * g * (np.float32(1.0) + math.erf(g / np.float32(math.sqrt(2.0))))
+        out[i] = a * up[i]
+
+
 @njit(parallel=True, cache=True)
 def gated_act(gate, up, kind, out):
     """``out = act(gate) * up`` elementwise over ``[T, I]``."""
-    T, n = gate.shape
-    for t in prange(T):
-        for i in range(n):
-            g = gate[t, i]
-            if kind == ACT_SILU:
-                a = g / (np.float32(1.0) + np.exp(-g))
-            elif kind == ACT_GELU_TANH:
-                a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(
-                    SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)))
-            else:
-                a = np.float32(0.5) * g * (np.float32(1.0) + math.erf(g / np.float32(math.sqrt(2.0))))
-            out[t, i] = a * up[t, i]
+    for t in prange(gate.shape[0]):
+        _gated_row(gate[t], up[t], kind, out[t])
+
+
+@njit(cache=True)
+def gated_act_serial(gate, up, kind, out):
+    for t in range(gate.shape[0]):
+        _gated_row(gate[t], up[t], kind, out[t])
+
+
+@njit(cache=True)
+def _rope_token(x, cos, sin, rot, t):
+    nh = x.shape[1]
+    half = rot // 2
+    for h in range(nh):
+        for i in range(half):
+            a = x[t, h, i]
+            b = x[t, h, i + half]
+            c = cos[t, i]
+            s = sin[t, i]
+            x[t, h, i] = a * c - b * s
+            x[t, h, i + half] = b * c + a * s
 
 
 @njit(parallel=True, cache=True)
@@ -71,17 +103,14 @@ def rope_rows(x, cos, sin, rot):
 
     ``cos``/``sin`` are ``[T, rot/2]`` (already multiplied by the attention factor).
     """
-    T, nh, D = x.shape
-    half = rot // 2
-    for t in prange(T):
-        for h in range(nh):
-            for i in range(half):
-                a = x[t, h, i]
-                b = x[t, h, i + half]
-                c = cos[t, i]
-                s = sin[t, i]
-                x[t, h, i] = a * c - b * s
-                x[t, h, i + half] = b * c + a * s
+    for t in prange(x.shape[0]):
+        _rope_token(x, cos, sin, rot, t)
+
+
+@njit(cache=True)
+def rope_rows_serial(x, cos, sin, rot):
+    for t in range(x.shape[0]):
+        _rope_token(x, cos, sin, rot, t)
 
 
 @njit(parallel=True, cache=True)
