@@ -1,0 +1,60 @@
+"""The torchless command."""
+import json
+
+import pytest
+
+import torchless
+from torchless.cli import main
+from conftest import FIXTURES
+
+
+def test_generate_streams_prompt_and_continuation(capsys):
+    d = FIXTURES / "llama2_mha"
+    assert main(["generate", str(d), "The capital", "-n", "8"]) == 0
+    out = capsys.readouterr().out
+    model = torchless.ModelLoader.load_auto(d)
+    new = model.generate("The capital", max_new_tokens=8)
+    assert out == "The capital" + model.decode(new) + "\n"
+
+
+def test_generate_sampling_flags(capsys):
+    d = FIXTURES / "qwen2_tied"
+    args = ["generate", str(d), "Once", "-n", "6", "--temperature", "0.9", "--top-k", "20",
+            "--top-p", "0.9", "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first  # seeded: reproducible
+
+
+def test_inspect(capsys):
+    assert main(["inspect", str(FIXTURES / "gemma2")]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: gemma (variant gemma2" in out
+    assert "attn_softcap" in out and "model.layers.0.pre_feedforward_layernorm.weight" in out
+    assert "total:" in out and "bytes" in out
+
+
+def test_errors_are_reported_not_raised(capsys, tmp_path):
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "torchless: error: no such file" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    assert main(["generate", str(tmp_path), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "mamba" in err and "registered:" in err
+
+
+def test_default_model_hint_when_missing(capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_demo(name, *a, **k):
+        if name.startswith("gemma3_270m"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_demo)
+    assert main(["generate", "The capital of France is"]) == 2
+    assert 'pip install -e ".[demo]"' in capsys.readouterr().err
