@@ -21,6 +21,8 @@ from .weights import Weight
 NORM_CODES = {"rms": ko.NORM_RMS, "rms1p": ko.NORM_RMS1P, "layernorm": ko.NORM_LAYER}
 ACT_CODES = {"silu": ko.ACT_SILU, "gelu_tanh": ko.ACT_GELU_TANH, "gelu": ko.ACT_GELU}
 
+BLAS_ATTENTION_MIN_T = 16  # prefill chunks at least this long use BLAS for attention
+
 NORM_NAMES = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "output_norm",
               "attn_q_norm", "attn_k_norm")
 
@@ -434,6 +436,8 @@ class _FastOps:
     @staticmethod
     def attention(q, k_cache, v_cache, P, scale, softcap, window, logn):
         q = np.ascontiguousarray(q, dtype=np.float32)
+        if q.shape[0] >= BLAS_ATTENTION_MIN_T:
+            return ko.attention_blas(q, k_cache, v_cache, P, scale, softcap, int(window), logn)
         out = np.empty_like(q)
         ko.attention(q, k_cache, v_cache, P, np.float32(scale), np.float32(softcap),
                      int(window), logn, out)

@@ -89,7 +89,8 @@ _QWEN2_SPEC = ((QWEN2_PATTERN,), False, False)
 PRE_TOKENIZERS = {
     "default": (DEFAULT_PATTERNS, False, False),
     **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "trillion", "exaone4",
-                     "granite-docling", "roberta-bpe", "gigachat", "a.x-4.0", "mellum"), _GPT2_SPEC),
+                     "granite-docling", "roberta-bpe", "gigachat", "a.x-4.0", "mellum"),
+                    _GPT2_SPEC),
     **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral",
                      "midm-2.0", "lfm2"), _LLAMA3_SPEC),
     **dict.fromkeys(("dbrx", "smaug-bpe"), ((LLAMA3_PATTERN,), False, False)),
@@ -136,10 +137,12 @@ def _get_id(md, key, n_vocab, default=_MISSING):
     if v is default:
         return v
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise ConfigError(f"GGUF metadata {key!r} must be an integer token id, got {type(v).__name__}")
+        raise ConfigError(f"GGUF metadata {key!r} must be an integer token id, "
+                          f"got {type(v).__name__}")
     v = int(v)
     if not 0 <= v < n_vocab:
-        raise ConfigError(f"GGUF metadata {key!r} = {v} is outside the vocabulary (0..{n_vocab - 1})")
+        raise ConfigError(f"GGUF metadata {key!r} = {v} is outside the vocabulary "
+                          f"(0..{n_vocab - 1})")
     return v
 
 
@@ -148,13 +151,13 @@ def _get_str_list(md, key, default=_MISSING):
     if v is default:
         return v
     if isinstance(v, np.ndarray) or not isinstance(v, (list, tuple)):
-        raise ConfigError(f"GGUF metadata {key!r} must be an array of strings, got {type(v).__name__}")
+        raise ConfigError(f"GGUF metadata {key!r} must be an array of strings, "
+                          f"got {type(v).__name__}")
     v = list(v)
-    if not all(type(s) is str for s in v):  # noqa: E721  (fast exact check first)
-        if not all(isinstance(s, str) for s in v):
-            bad = next(s for s in v if not isinstance(s, str))
-            raise ConfigError(f"GGUF metadata {key!r} must be an array of strings, "
-                              f"holds a {type(bad).__name__}")
+    bad = next((s for s in v if not isinstance(s, str)), None) if v else None
+    if bad is not None:
+        raise ConfigError(f"GGUF metadata {key!r} must be an array of strings, "
+                          f"holds a {type(bad).__name__}")
     return v
 
 
@@ -308,7 +311,8 @@ def _splits_by_hash(pieces: list):
 def _add_vocab_tokens(hf: _HFTokenizer, tokens: list, types: np.ndarray) -> None:
     """Control/unknown tokens as special added tokens, user-defined ones as plain added tokens."""
     special, plain = [], []
-    for i in np.flatnonzero((types == CONTROL) | (types == UNKNOWN) | (types == USER_DEFINED)).tolist():
+    wanted = (types == CONTROL) | (types == UNKNOWN) | (types == USER_DEFINED)
+    for i in np.flatnonzero(wanted).tolist():
         t = tokens[i]
         if t.startswith("<torchless:"):
             continue

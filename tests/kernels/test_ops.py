@@ -109,6 +109,8 @@ def test_attention(P, T, nkv, rep, D, window, softcap, seed):
     ko.attention(q, k, v, P, np.float32(0.3), np.float32(softcap), window, logn, out)
     expected = ref.attention(q, k[:, :S], v[:, :S], P, 0.3, softcap, window, logn)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    blas = ko.attention_blas(q, k, v, P, 0.3, softcap, window, logn)
+    np.testing.assert_allclose(blas, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_window_sees_exactly_w_keys():

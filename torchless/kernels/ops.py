@@ -163,3 +163,54 @@ def attention(q, k_cache, v_cache, start, scale, softcap, window, logn, out):
             for d in range(D):
                 out[t, h, d] += p * v_cache[g, j, d]
     return n_total
+
+
+@njit(parallel=True, cache=True)
+def masked_softmax_rows(s, start, window, softcap):
+    """In place over scores ``s [R, T, S]`` (R head rows, T queries at positions
+    ``start..start+T-1``, S keys): soft-cap, causal / sliding-window mask, softmax."""
+    R, T, S = s.shape
+    for job in prange(R * T):
+        r = job // T
+        t = job % T
+        i = start + t
+        lo = 0
+        if window > 0 and i - window + 1 > 0:
+            lo = i - window + 1
+        m = np.float32(-np.inf)
+        for j in range(lo, i + 1):
+            v = s[r, t, j]
+            if softcap > 0:
+                v = np.float32(softcap) * np.tanh(v / np.float32(softcap))
+                s[r, t, j] = v
+            if v > m:
+                m = v
+        tot = np.float32(0.0)
+        for j in range(lo, i + 1):
+            e = np.exp(s[r, t, j] - m)
+            s[r, t, j] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for j in range(S):
+            if j < lo or j > i:
+                s[r, t, j] = 0.0
+            else:
+                s[r, t, j] *= inv
+
+
+def attention_blas(q, k_cache, v_cache, start, scale, softcap, window, logn):
+    """Prefill attention with the two products on BLAS (same contract as :func:`attention`)."""
+    T, nH, D = q.shape
+    nKV = k_cache.shape[0]
+    rep = nH // nKV
+    S = start + T
+    qs = q * (np.float32(scale) * logn)[:, None, None]
+    # [nKV, rep*T, D]: the query heads sharing one KV head, stacked
+    qg = np.ascontiguousarray(qs.reshape(T, nKV, rep, D).transpose(1, 2, 0, 3)).reshape(
+        nKV, rep * T, D)
+    scores = np.matmul(qg, k_cache[:, :S].transpose(0, 2, 1))  # [nKV, rep*T, S]
+    scores = scores.reshape(nKV * rep, T, S)
+    masked_softmax_rows(scores, start, window, np.float32(softcap))
+    out = np.matmul(scores.reshape(nKV, rep * T, S), v_cache[:, :S])  # [nKV, rep*T, D]
+    return np.ascontiguousarray(out.reshape(nKV, rep, T, D).transpose(2, 0, 1, 3)).reshape(
+        T, nH, D)
