@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Measure torchless beside llama.cpp and transformers on the same weights, in one run.
+
+    python bench/compare_peers.py --hf DIR --gguf-dir DIR --llama-bench PATH [--threads 2]
+                                  [--rounds 2] [--prompt-tokens 512] [--new-tokens 128]
+                                  [--out bench/results.json]
+
+``--hf`` is a float32 Hugging Face checkpoint (e.g. the one ``bench/make_bench_model.py``
+writes); a bfloat16 copy is written next to it on first use. ``--gguf-dir`` holds the same
+weights converted with llama.cpp's ``convert_hf_to_gguf.py`` (``<name>-f32.gguf``,
+``-f16.gguf``, ``-q8_0.gguf``) and ``llama-quantize`` (``-q4_k_m.gguf``). ``--llama-bench``
+is a llama-bench binary built for measurement only from the llama.cpp sources in PyPI's
+``llama-cpp-python`` sdist. transformers comes from the ``reference`` extra.
+
+Every engine runs in its own process, engines alternate round by round (so drift in machine
+load affects all of them alike), and the best round of each is kept. The result is a JSON
+file and a Markdown table of tokens/s and ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TRANSFORMERS_SNIPPET = r"""
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+path, dtype, threads, P, N = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+m.eval()
+V = m.config.vocab_size
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, V, (1, P), generator=g)
+with torch.inference_mode():
+    m(ids[:, :16])
+    t = time.perf_counter(); out = m(ids, use_cache=True); pre = time.perf_counter() - t
+    cache = out.past_key_values
+    tok = out.logits[:, -1:].argmax(-1)
+    out = m(tok, past_key_values=cache, use_cache=True); cache = out.past_key_values
+    t = time.perf_counter()
+    for _ in range(N):
+        out = m(tok, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+    dec = time.perf_counter() - t
+print(json.dumps({"prefill_tokens_per_s": P / pre, "decode_tokens_per_s": N / dec}))
+"""
+
+
+def run_json(cmd, env=None) -> dict:
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bf16_copy(hf: Path) -> Path:
+    """A bfloat16 copy of the checkpoint (written once, with transformers)."""
+    out = hf.parent / (hf.name + "-bf16")
+    if (out / "model.safetensors").exists():
+        return out
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).save_pretrained(out)
+    for f in hf.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def torchless_run(path, threads, P, N, quantize=None) -> dict:
+    cmd = [sys.executable, "-m", "torchless.cli", "bench", str(path), "--prompt-tokens", str(P),
+           "--new-tokens", str(N), "--threads", str(threads), "--json"]
+    if quantize:
+        cmd += ["--quantize", quantize]
+    return run_json(cmd)
+
+
+def llama_bench_run(binary, gguf, threads, P, N) -> dict:
+    res = subprocess.run([binary, "-m", str(gguf), "-t", str(threads), "-p", str(P), "-n",
+                          str(N), "-r", "3", "-o", "json"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"llama-bench failed on {gguf}:\n{res.stderr[-2000:]}")
+    rows = json.loads(res.stdout)
+    out = {}
+    for r in rows:
+        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
+            out["prefill_tokens_per_s"] = r["avg_ts"]
+        elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
+            out["decode_tokens_per_s"] = r["avg_ts"]
+    return out
+
+
+def transformers_run(hf, dtype, threads, P, N) -> dict:
+    return run_json([sys.executable, "-c", TRANSFORMERS_SNIPPET, str(hf), dtype, str(threads),
+                     str(P), str(N)])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--hf", required=True, type=Path)
+    ap.add_argument("--gguf-dir", required=True, type=Path)
+    ap.add_argument("--gguf-stem", default=None, help="file stem (default: the --hf folder name)")
+    ap.add_argument("--llama-bench", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    a = ap.parse_args(argv)
+    stem = a.gguf_stem or a.hf.name
+    P, N, T = a.prompt_tokens, a.new_tokens, a.threads
+    bf16 = bf16_copy(a.hf)
+    engines = {
+        "torchless f32": lambda: torchless_run(a.hf, T, P, N),
+        "torchless bf16": lambda: torchless_run(bf16, T, P, N),
+        "torchless q8_0": lambda: torchless_run(a.hf, T, P, N, "q8_0"),
+        "torchless q4_0": lambda: torchless_run(a.hf, T, P, N, "q4_0"),
+        "llama.cpp F32": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-f32.gguf", T, P, N),
+        "llama.cpp F16": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-f16.gguf", T, P, N),
+        "llama.cpp Q8_0": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-q8_0.gguf", T, P, N),
+        "llama.cpp Q4_K_M": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-q4_k_m.gguf", T, P, N),
+    }
+    if not a.skip_transformers:
+        engines["transformers float32"] = lambda: transformers_run(a.hf, "float32", T, P, N)
+        engines["transformers bfloat16"] = lambda: transformers_run(a.hf, "bfloat16", T, P, N)
+    best: dict = {}
+    for r in range(a.rounds):
+        for name, fn in engines.items():
+            if name.startswith("llama.cpp") and not (a.gguf_dir / f"{stem}-{name.split()[1].lower()}.gguf").exists():
+                continue
+            t = time.time()
+            res = fn()
+            print(f"round {r} {name:24s} {json.dumps(res)} ({time.time() - t:.0f}s)", flush=True)
+            b = best.setdefault(name, dict(res))
+            for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+                if k in res:
+                    b[k] = max(b.get(k, 0), res[k])
+            for k in ("ceiling_fraction", "first_token_s", "peak_rss_mb", "bandwidth_gb_s"):
+                if k in res:
+                    b[k] = res[k] if k != "ceiling_fraction" else max(b.get(k, 0), res[k])
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"threads": T, "prompt_tokens": P, "new_tokens": N,
+                                 "results": best}, indent=2))
+    pairs = [("torchless f32", "llama.cpp F32"), ("torchless bf16", "llama.cpp F16"),
+             ("torchless q8_0", "llama.cpp Q8_0"), ("torchless q4_0", "llama.cpp Q4_K_M"),
+             ("torchless f32", "transformers float32")]
+    print("\n| engine | decode tok/s | prefill tok/s |\n|---|---|---|")
+    for name, b in best.items():
+        print(f"| {name} | {b.get('decode_tokens_per_s', 0):.1f} | {b.get('prefill_tokens_per_s', 0):.0f} |")
+    print("\n| ratio | decode | prefill |\n|---|---|---|")
+    for x, y in pairs:
+        if x in best and y in best:
+            d = best[x]["decode_tokens_per_s"] / best[y]["decode_tokens_per_s"]
+            p = best[x]["prefill_tokens_per_s"] / best[y]["prefill_tokens_per_s"]
+            print(f"| {x} / {y} | {d:.2f} | {p:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
