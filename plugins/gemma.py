@@ -171,34 +171,66 @@ def _gguf_attn_scale(f, layers_27b):
     return f["head_dim"] ** -0.5
 
 
+def _gguf_rope_swa(g, glob, default_base, default_factor):
+    """The RoPE table of sliding layers: llama.cpp's ``{arch}.rope.freq_base_swa`` (via
+    ``llama_model::get_rope_freq_base/_scale``, src/llama-model.cpp) and the per-arch
+    defaults of ``rope_freq_base_train_swa`` / ``rope_freq_scale_train_swa``."""
+    from torchless.rope import RopeConfig
+
+    base = g.get(f"{g.architecture}.rope.freq_base_swa", float, default_base)
+    if default_factor:
+        return RopeConfig(rotary_dim=glob.rotary_dim, theta=base, rope_type="linear",
+                          factor=default_factor)
+    return RopeConfig(rotary_dim=glob.rotary_dim, theta=base)
+
+
 def gemma2_from_gguf(g):
+    # llama.cpp src/models/gemma2.cpp (load_arch_hparams): n_swa defaults to 4096,
+    # load_swa_pattern(ml, 2) (sliding_window_pattern key, else every other layer from the
+    # first); sliding layers use rope.freq_base_swa, defaulting to the global base and scale.
     from torchless import ModelConfig
+    from torchless.gguf_config import gguf_swa_layers
 
     f = _gguf_common(g)
     a = g.architecture
     W = g.get(f"{a}.attention.sliding_window", int, 4096)
+    swa = gguf_swa_layers(g, f["num_layers"], 2)
+    glob = f["ropes"]["default"]
+    if glob.rope_type in ("default", "linear"):
+        local = _gguf_rope_swa(g, glob, glob.theta,
+                               glob.factor if glob.rope_type == "linear" else None)
+    else:  # other scalings (none in released Gemma 2): the global table for every layer
+        local = glob
     f.update(residual="sandwich", attn_scale=_gguf_attn_scale(f, 46),
              attn_softcap=g.get(f"{a}.attn_logit_softcapping", float, 50.0),
              final_softcap=g.get(f"{a}.final_logit_softcapping", float, 30.0),
-             layer_windows=[W if (i + 1) % 2 else None for i in range(f["num_layers"])])
+             layer_windows=[W if s else None for s in swa],
+             layer_rope=["local" if s else "global" for s in swa],
+             ropes={"global": glob, "local": local})
     return ModelConfig(architecture="gemma", variant="gemma2", **f)
 
 
 def gemma3_from_gguf(g):
+    # llama.cpp src/models/gemma3.cpp (load_arch_hparams): sliding layers only when
+    # attention.sliding_window is present and > 0; then load_swa_pattern(ml, 6) and
+    # rope.freq_base_swa (hparams default 10000, freq scale 1: the linear factor of
+    # rope.scaling.* applies to global layers only).
     from torchless import ModelConfig
-    from torchless.rope import RopeConfig
+    from torchless.gguf_config import gguf_swa_layers
 
     f = _gguf_common(g)
     a = g.architecture
-    W = g.get(f"{a}.attention.sliding_window", int, 4096)
-    local = [bool((i + 1) % 6) for i in range(f["num_layers"])]  # llama.cpp: pattern of 6
+    W = g.get(f"{a}.attention.sliding_window", int, 0)
+    if W > 0:
+        local = gguf_swa_layers(g, f["num_layers"], 6)
+    else:
+        local = [False] * f["num_layers"]
     glob = f["ropes"]["default"]
     f.update(residual="sandwich", qk_norm="rms", attn_scale=_gguf_attn_scale(f, 62),
              final_softcap=g.get(f"{a}.final_logit_softcapping", float, None),
              layer_windows=[W if s else None for s in local],
              layer_rope=["local" if s else "global" for s in local],
-             ropes={"global": glob,
-                    "local": RopeConfig(rotary_dim=glob.rotary_dim, theta=10000.0)})
+             ropes={"global": glob, "local": _gguf_rope_swa(g, glob, 10000.0, None)})
     return ModelConfig(architecture="gemma", variant="gemma3_text", **f)
 
 

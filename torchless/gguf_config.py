@@ -6,6 +6,8 @@ the default GGUF tensor map is the identity.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from .config import ModelConfig
@@ -58,6 +60,8 @@ def gguf_fields(g, *, default_theta: float = 10000.0) -> dict:
                           max_position_embeddings=ctx, original_max_position_embeddings=orig)
     else:
         raise ConfigError(f"{g.path}: unsupported GGUF rope scaling type {scaling!r}")
+    if "rope_freqs.weight" in g.tensor_infos:
+        rope = _rope_with_freq_factors(g, rope, scaling)
     bos = g.get("tokenizer.ggml.bos_token_id", int, None)
     eos = [g.get(k, int, None) for k in ("tokenizer.ggml.eos_token_id",
                                         "tokenizer.ggml.eot_token_id")]
@@ -69,6 +73,54 @@ def gguf_fields(g, *, default_theta: float = 10000.0) -> dict:
         eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
         raw={k: v for k, v in g.metadata.items() if not k.startswith("tokenizer.ggml.")},
     )
+
+
+def _rope_with_freq_factors(g, rope: RopeConfig, scaling: str) -> RopeConfig:
+    """Per-dimension frequency divisors stored as the ``rope_freqs.weight`` tensor.
+
+    llama.cpp's converter bakes Llama 3's ``rope_type: llama3`` scaling into this tensor
+    instead of metadata (``LlamaModel.generate_extra_tensors`` in ``convert_hf_to_gguf.py``:
+    factor 1 for high frequencies, ``factor`` for low ones, the smooth blend between), and
+    ``llama_model::get_rope_factors`` (src/llama-model.cpp) hands it to ``ggml_rope_ext`` as
+    ``freq_factors``: angle = pos * theta^(-2i/d) / f_i (times freq_scale). That is LongRoPE's
+    formula with equal short and long factors, no attention factor and no regime switch, so
+    it is expressed as such (a linear ``rope.scaling.factor`` multiplies into the factors).
+    """
+    ff = np.asarray(g.tensor("rope_freqs.weight").to_f32(), dtype=np.float32).reshape(-1)
+    if ff.size != rope.rotary_dim // 2:
+        raise ConfigError(f"{g.path}: rope_freqs.weight has {ff.size} entries, expected "
+                          f"{rope.rotary_dim // 2} (rotary_dim / 2)")
+    if rope.rope_type == "linear":
+        ff = (ff * np.float32(rope.factor)).astype(np.float32)
+    elif rope.rope_type != "default":
+        raise ConfigError(f"{g.path}: rope_freqs.weight combined with rope scaling "
+                          f"{scaling!r} is not supported")
+    factors = ff.tolist()
+    return RopeConfig(rotary_dim=rope.rotary_dim, theta=rope.theta, rope_type="longrope",
+                      max_position_embeddings=rope.max_position_embeddings,
+                      # never switch "regimes": both factor lists are the same
+                      original_max_position_embeddings=sys.maxsize,
+                      params={"short_factor": factors, "long_factor": factors,
+                              "attention_factor": 1.0})
+
+
+def gguf_swa_layers(g, n_layers: int, default_pattern: int, dense_first: bool = False) -> list:
+    """Which layers use the sliding window, as llama.cpp's ``load_swa_pattern`` decides
+    (src/llama-model.cpp): ``{arch}.attention.sliding_window_pattern`` as a per-layer bool
+    array, else as an int period ``n`` (default ``default_pattern``) where layer ``il`` is
+    sliding iff ``il % n < n - 1`` (``llama_hparams::set_swa_pattern``; ``n == 0``: all;
+    ``dense_first``: iff ``il % n != 0``)."""
+    key = f"{g.architecture}.attention.sliding_window_pattern"
+    v = g.get(key, None, None)
+    if isinstance(v, (list, tuple, np.ndarray)):
+        flags = [bool(x) for x in list(v)]
+        if len(flags) < n_layers:
+            raise ConfigError(f"{g.path}: {key} has {len(flags)} entries for {n_layers} layers")
+        return flags[:n_layers]
+    n = default_pattern if v is None else g.get(key, int)
+    if dense_first:
+        return [n == 0 or il % n != 0 for il in range(n_layers)]
+    return [n == 0 or il % n < n - 1 for il in range(n_layers)]
 
 
 def gguf_config(family: str, variant: str, g, **overrides) -> ModelConfig:
