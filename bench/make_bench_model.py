@@ -28,9 +28,10 @@ def build_tokenizer(out: Path) -> None:
     """Llama-2-style byte-fallback BPE with exactly VOCAB entries and no merges.
 
     ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens ``<0x00>``..``<0xFF>``, ``▁`` and the
-    printable ASCII characters, then filler pieces ``▁t<i>``.  The shape (BPE + byte_fallback + Sequence decoder) is what
-    llama.cpp's ``convert_hf_to_gguf.py`` recognises as a Llama HF tokenizer, so the
-    conversion works without a ``tokenizer.model``.
+    printable ASCII characters, then filler pieces ``▁t<i>``.  The shape (BPE +
+    byte_fallback + Sequence decoder) is what llama.cpp's ``convert_hf_to_gguf.py``
+    recognises as a Llama HF tokenizer, so the conversion works without a
+    ``tokenizer.model``.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers
 
