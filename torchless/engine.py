@@ -354,6 +354,16 @@ def _fuse(layer: Layer, parts: tuple, fused: str) -> None:
         layer.b.pop(p, None)
 
 
+_ZEROS: dict = {}
+
+
+def _zeros(n: int) -> np.ndarray:
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = np.zeros(n, np.float32)
+    return z
+
+
 def _f32(w):
     if w is None:
         return None
@@ -404,8 +414,9 @@ class _FastOps:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
         kernel = ko.norm_rows if x.shape[0] * x.shape[1] > 65536 else ko.norm_rows_serial
-        kernel(x, w, b if b is not None else np.zeros_like(w), np.float32(eps),
-               NORM_CODES[kind], out)
+        if b is None:
+            b = _zeros(w.shape[0])
+        kernel(x, w, b, np.float32(eps), NORM_CODES[kind], out)
         return out
 
     @staticmethod

@@ -45,6 +45,14 @@ class Weight:
     shape: tuple
     data: np.ndarray
 
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+        self.rows = 1
+        for s in self.shape[:-1]:
+            self.rows *= s
+        self.cols = self.shape[-1] if self.shape else 1
+        self._kernel_view = None
+
     @property
     def is_quantized(self) -> bool:
         return self.kind in QUANT_KINDS
@@ -53,13 +61,14 @@ class Weight:
     def nbytes(self) -> int:
         return int(self.data.nbytes)
 
-    @property
-    def rows(self) -> int:
-        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
-
-    @property
-    def cols(self) -> int:
-        return int(self.shape[-1])
+    def kernel_view(self) -> np.ndarray:
+        """The data as the 2-D array kernels take (f16 as uint16 bits), made once."""
+        v = self._kernel_view
+        if v is None:
+            d = self.data.view(np.uint16) if self.kind == "f16" else self.data
+            v = d if d.ndim == 2 else d.reshape(self.rows, -1)
+            self._kernel_view = v
+        return v
 
     def to_f32(self) -> np.ndarray:
         """The whole tensor as float32 (a new array unless already float32)."""

@@ -60,30 +60,23 @@ def widen_rows_f16(w, r0, r1, out):
 
 def _as2d(w: Weight):
     """The weight's data as the 2-D array the kernels take (uint16 bits for f16)."""
-    d = w.data
-    if w.kind == "f16":
-        d = d.view(np.uint16)
-    if d.ndim != 2:
-        d = d.reshape(w.rows, -1)
-    return d
+    return w.kernel_view()
+
+
+_FLOAT_MATVEC = {"f32": matvec_f32, "bf16": matvec_bf16, "f16": matvec_f16}
 
 
 def matvec(w: Weight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``out = W @ x`` for a 2-D weight ``[out, in]`` and a float32 vector ``[in]``."""
     if out is None:
         out = np.empty(w.rows, dtype=np.float32)
-    kind = w.kind
-    d = _as2d(w)
-    if kind == "f32":
-        matvec_f32(d, x, out)
-    elif kind == "bf16":
-        matvec_bf16(d, x, out)
-    elif kind == "f16":
-        matvec_f16(d, x, out)
+    kernel = _FLOAT_MATVEC.get(w.kind)
+    if kernel is not None:
+        kernel(w.kernel_view(), x, out)
     else:
         from . import quant
 
-        quant.matvec(kind, d, x, out)
+        quant.matvec(w.kind, w.kernel_view(), x, out)
     return out
 
 
