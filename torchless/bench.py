@@ -43,6 +43,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def bytes_per_token(model) -> int:
     """Weight bytes one decode step reads: every layer weight, the output matrix, one
     embedding row."""
@@ -68,6 +73,7 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
     t0 = time.perf_counter()
     model = ModelLoader.load_auto(model_path, lazy=lazy, quantize=quantize)
     load_s = time.perf_counter() - t0
+    rss_after_load = current_rss_mb()
     V = model.config.vocab_size
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(0, V, prompt_tokens)]
@@ -91,6 +97,7 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         tok = int(np.argmax(state.logits))
     decode_s = time.perf_counter() - t0
 
+    peak = peak_rss_mb()  # before the bandwidth probe allocates its buffer
     bw = bandwidth if bandwidth is not None else measure_bandwidth()
     decode_tps = new_tokens / decode_s
     per_token = bytes_per_token(model)
@@ -103,7 +110,8 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         "first_token_s": round(first_token_s, 3),
         "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),
         "decode_tokens_per_s": round(decode_tps, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak, 1),
+        "rss_after_load_mb": round(rss_after_load, 1),
         "bandwidth_gb_s": round(bw / 1e9, 2),
         "bytes_per_token_mb": round(per_token / 1e6, 2),
         "ceiling_tokens_per_s": round(bw / per_token, 2),

@@ -111,10 +111,15 @@ class SafetensorsFile:
                 f"{self.path}: tensor {name!r} has dtype {e.dtype}; weights must be F32, F16 or BF16"
             )
         kind, np_dtype, _ = DTYPES[e.dtype]
-        raw = self._mm()[e.start:e.start + e.nbytes]
-        arr = raw.view(np_dtype).reshape(e.shape)
         if copy:
-            arr = np.array(arr)  # resident in RAM
+            # Eager: read straight into RAM (no mapped pages left behind in the RSS).
+            arr = np.empty(e.shape, dtype=np_dtype)
+            with open(self.path, "rb") as f:
+                f.seek(e.start)
+                got = f.readinto(arr.reshape(-1).view(np.uint8))
+            if got != e.nbytes:
+                raise CorruptFileError(f"{self.path}: tensor {name!r} is truncated")
         else:
-            arr = np.asarray(arr)  # a plain ndarray view over the map, no copy
+            raw = self._mm()[e.start:e.start + e.nbytes]
+            arr = np.asarray(raw.view(np_dtype).reshape(e.shape))  # a view of the map
         return Weight(name, kind, e.shape, arr)
