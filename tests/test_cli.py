@@ -58,3 +58,29 @@ def test_default_model_hint_when_missing(capsys, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_demo)
     assert main(["generate", "The capital of France is"]) == 2
     assert 'pip install -e ".[demo]"' in capsys.readouterr().err
+
+
+def test_threads_setting(monkeypatch):
+    import numba
+
+    from torchless.threads import set_num_threads
+
+    before = numba.get_num_threads()
+    try:
+        torchless.ModelLoader.load_auto(FIXTURES / "llama2_mha", threads=1)
+        assert numba.get_num_threads() == 1
+        monkeypatch.setenv("TORCHLESS_NUM_THREADS", "1")
+        assert set_num_threads() == 1
+        monkeypatch.delenv("TORCHLESS_NUM_THREADS")
+        assert set_num_threads() == numba.config.NUMBA_NUM_THREADS
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_bench_json_keys(capsys):
+    assert main(["bench", str(FIXTURES / "llama2_mha"), "--prompt-tokens", "8",
+                 "--new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("load_s", "first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+                "peak_rss_mb", "ceiling_fraction"):
+        assert key in out and out[key] > 0

@@ -132,17 +132,33 @@ def build_model(params: Parameters, family: str | None = None, model_class=None,
 
 class ModelLoader:
     @staticmethod
-    def load_auto(path, lazy: bool = False, quantize: str | None = None) -> DecoderModel:
-        """Load a model folder, ``.safetensors`` or ``.gguf`` file, detecting its family."""
+    def load_auto(path, lazy: bool = False, quantize: str | None = None,
+                  threads: int | None = None) -> DecoderModel:
+        """Load a model folder, ``.safetensors`` or ``.gguf`` file, detecting its family.
+
+        ``lazy`` memory-maps the weights; ``quantize`` ("q8_0", "q4_0") converts them on
+        load; ``threads`` sets the kernel thread count (default: TORCHLESS_NUM_THREADS or
+        every core).
+        """
+        _threads(threads)
         params = Parameters.load(path, lazy=lazy)
         return build_model(params, quantize=quantize)
 
     @staticmethod
-    def load_as(path, arch, lazy: bool = False, quantize: str | None = None) -> DecoderModel:
+    def load_as(path, arch, lazy: bool = False, quantize: str | None = None,
+                threads: int | None = None) -> DecoderModel:
         """Load as family ``arch`` (a ModelArchitecture or a name such as "phi-3")."""
+        _threads(threads)
         family = ModelArchitecture.from_str(arch)
         params = Parameters.load(path, lazy=lazy)
         return build_model(params, family=str(family), quantize=quantize)
+
+
+def _threads(n):
+    if n is not None:
+        from .threads import set_num_threads
+
+        set_num_threads(n)
 
 
 class DynamicModel:
