@@ -115,6 +115,6 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         "bandwidth_gb_s": round(bw / 1e9, 2),
         "bytes_per_token_mb": round(per_token / 1e6, 2),
         "ceiling_tokens_per_s": round(bw / per_token, 2),
-        "ceiling_fraction": round(decode_tps * per_token / bw, 3),
+        "ceiling_fraction": float(f"{decode_tps * per_token / bw:.4g}"),
         "pid": os.getpid(),
     }
