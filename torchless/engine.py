@@ -152,8 +152,6 @@ class DecoderModel:
                 _fuse(layer, ("attn_q", "attn_k", "attn_v"), "attn_qkv")
                 _fuse(layer, ("ffn_gate", "ffn_up"), "ffn_gate_up")
             self.layers.append(layer)
-        self._zeros_h = np.zeros(cfg.hidden_size, np.float32)
-        self._zeros_d = np.zeros(cfg.head_dim, np.float32)
         scale = cfg.embed_scale
         if scale is not None:
             # Gemma: sqrt(hidden) rounded to the dtype the embedding is stored in.

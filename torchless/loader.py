@@ -122,11 +122,8 @@ def build_model(params: Parameters, family: str | None = None, model_class=None,
 
         tensors = quantize_tensors(tensors, quantize)
     tokenizer = build_tokenizer(params, cfg)
-    cls = model_class or spec.model_class or FAMILY_CLASSES.get(spec.family, DecoderModel)
-    if spec.model_class is not None and model_class is not None and not issubclass(
-        spec.model_class, model_class
-    ):
-        cls = spec.model_class
+    # A plugin's own model class wins (its forward differs); else the family class asked for.
+    cls = spec.model_class or model_class or FAMILY_CLASSES.get(spec.family, DecoderModel)
     return cls(cfg, tensors, tokenizer=tokenizer, spec=spec, params=params)
 
 

@@ -86,11 +86,7 @@ class Weight:
     def rows_f32(self, index) -> np.ndarray:
         """Rows ``index`` (int or int array) of a 2-D weight as float32, e.g. embedding lookup."""
         idx = np.atleast_1d(np.asarray(index, dtype=np.int64))
-        if self.kind in FLOAT_KINDS:
-            sub = Weight(self.name, self.kind, (len(idx), self.cols), self.data[idx])
-        else:
-            sub = Weight(self.name, self.kind, (len(idx), self.cols), self.data[idx])
-        out = sub.to_f32()
+        out = Weight(self.name, self.kind, (len(idx), self.cols), self.data[idx]).to_f32()
         return out[0] if np.ndim(index) == 0 else out
 
     def __repr__(self) -> str:
