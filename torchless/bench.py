@@ -61,7 +61,7 @@ def bytes_per_token(model) -> int:
 
 def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
               threads: int | None = None, quantize: str | None = None, lazy: bool = False,
-              bandwidth: float | None = None) -> dict:
+              bandwidth: float | None = None, act_quant: bool = False) -> dict:
     from .loader import ModelLoader
     from .threads import set_num_threads
 
@@ -71,7 +71,8 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
 
         model_path = default_model_path()
     t0 = time.perf_counter()
-    model = ModelLoader.load_auto(model_path, lazy=lazy, quantize=quantize)
+    model = ModelLoader.load_auto(model_path, lazy=lazy, quantize=quantize,
+                                  act_quant=act_quant or None)
     load_s = time.perf_counter() - t0
     rss_after_load = current_rss_mb()
     V = model.config.vocab_size
@@ -106,6 +107,7 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         "architecture": model.config.variant,
         "weights": quantize or sorted({w.kind for L in model.layers for w in L.w.values()}),
         "threads": n_threads,
+        "act_quant": model.act_quant,
         "load_s": round(load_s, 3),
         "first_token_s": round(first_token_s, 3),
         "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),

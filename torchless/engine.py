@@ -71,7 +71,9 @@ class DecoderModel:
     family: str | None = None
 
     def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, spec=None,
-                 params=None):
+                 params=None, act_quant: bool | None = None):
+        #: quantized weights meet 8-bit activations (llama.cpp's way; see kernels.matmul)
+        self.act_quant = km.ACT_QUANT_DEFAULT if act_quant is None else bool(act_quant)
         self.config = config
         self.spec = spec
         self.params = params
@@ -213,7 +215,7 @@ class DecoderModel:
             pos1 = np.arange(P, P + T, dtype=np.float64) + 1
             logn = np.where(pos1 > cfg.logn_seq_length,
                             np.log(pos1) / np.log(cfg.logn_seq_length), 1.0).astype(np.float32)
-        ops = _FAST if fast else _REF
+        ops = _OPS[fast, self.act_quant]
         x = self.embed.rows_f32(np.asarray(ids))
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self._embed_scale is not None:
@@ -371,9 +373,12 @@ def _f32(w):
 class _RefOps:
     """The reference: plain NumPy."""
 
-    @staticmethod
-    def linear(x, w, b):
-        return ref.linear(x, w, None if b is None else Weight("bias", "f32", b.shape, b))
+    def __init__(self, act_quant: bool = False):
+        self.act_quant = act_quant
+
+    def linear(self, x, w, b):
+        return ref.linear(x, w, None if b is None else Weight("bias", "f32", b.shape, b),
+                          self.act_quant)
 
     @staticmethod
     def norm(x, kind, w, b, eps):
@@ -400,9 +405,11 @@ class _RefOps:
 class _FastOps:
     """The same operations through the Numba kernels."""
 
-    @staticmethod
-    def linear(x, w, b):
-        out = km.matmul(w, np.ascontiguousarray(x, dtype=np.float32))
+    def __init__(self, act_quant: bool = False):
+        self.act_quant = act_quant
+
+    def linear(self, x, w, b):
+        out = km.matmul(w, np.ascontiguousarray(x, dtype=np.float32), act_quant=self.act_quant)
         if b is not None:
             out += b
         return out
@@ -453,5 +460,5 @@ class _FastOps:
         return out
 
 
-_REF = _RefOps()
-_FAST = _FastOps()
+_OPS = {(fast, aq): (_FastOps if fast else _RefOps)(aq)
+        for fast in (False, True) for aq in (False, True)}

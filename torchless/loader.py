@@ -105,7 +105,7 @@ def build_tokenizer(params: Parameters, cfg):
 
 
 def build_model(params: Parameters, family: str | None = None, model_class=None,
-                quantize: str | None = None):
+                quantize: str | None = None, act_quant: bool | None = None):
     spec = _resolve_spec(params, family)
     if params.format == "gguf":
         cfg = spec.config_from_gguf(params.gguf)
@@ -124,22 +124,23 @@ def build_model(params: Parameters, family: str | None = None, model_class=None,
     tokenizer = build_tokenizer(params, cfg)
     # A plugin's own model class wins (its forward differs); else the family class asked for.
     cls = spec.model_class or model_class or FAMILY_CLASSES.get(spec.family, DecoderModel)
-    return cls(cfg, tensors, tokenizer=tokenizer, spec=spec, params=params)
+    return cls(cfg, tensors, tokenizer=tokenizer, spec=spec, params=params, act_quant=act_quant)
 
 
 class ModelLoader:
     @staticmethod
     def load_auto(path, lazy: bool = False, quantize: str | None = None,
-                  threads: int | None = None) -> DecoderModel:
+                  threads: int | None = None, act_quant: bool | None = None) -> DecoderModel:
         """Load a model folder, ``.safetensors`` or ``.gguf`` file, detecting its family.
 
         ``lazy`` memory-maps the weights; ``quantize`` ("q8_0", "q4_0") converts them on
         load; ``threads`` sets the kernel thread count (default: TORCHLESS_NUM_THREADS or
-        every core).
+        every core); ``act_quant`` makes quantized weights meet 8-bit activations as
+        llama.cpp does (faster; default off, or TORCHLESS_ACT_QUANT=1).
         """
         _threads(threads)
         params = Parameters.load(path, lazy=lazy)
-        return build_model(params, quantize=quantize)
+        return build_model(params, quantize=quantize, act_quant=act_quant)
 
     @staticmethod
     def load_as(path, arch, lazy: bool = False, quantize: str | None = None,

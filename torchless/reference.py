@@ -13,8 +13,17 @@ import numpy as np
 from .weights import Weight
 
 
-def linear(x: np.ndarray, w: Weight, b: Weight | None = None) -> np.ndarray:
-    """``x @ W.T + b`` for ``x [T, in]``."""
+def linear(x: np.ndarray, w: Weight, b: Weight | None = None,
+           act_quant: bool = False) -> np.ndarray:
+    """``x @ W.T + b`` for ``x [T, in]``.
+
+    With ``act_quant`` a block-quantized weight meets 8-bit activations (as llama.cpp
+    computes): ``x`` goes through the activation format's round trip first.
+    """
+    from .kernels import quant_q8
+
+    if act_quant and quant_q8.supports(w.kind):
+        x = quant_q8.dequantized_activations(w.kind, x)
     y = x @ w.to_f32().T
     if b is not None:
         y = y + b.to_f32()

@@ -1,0 +1,1166 @@
+"""Quantized weights times *quantized* activations, the way llama.cpp computes them.
+
+llama.cpp never multiplies a block-quantized weight by float32 activations. It first
+quantizes the activation vector (once per product) to the weight's "vec_dot type":
+
+* ``q8_0`` blocks of 32 -- ``d`` (a half float) and 32 int8 -- for ``q8_0``, ``q4_0`` and
+  ``q5_0`` weights (:func:`quantize_q8_0_act`, ggml's ``quantize_row_q8_0_ref``);
+* ``q8_K`` blocks of 256 -- ``d`` (float32), 256 int8 and 16 ``bsums`` (sums of 16
+  consecutive quants) -- for ``q4_k``, ``q5_k`` and ``q6_k`` weights
+  (:func:`quantize_q8_k_act`, ggml's ``quantize_row_q8_K_ref``),
+
+then takes integer dot products block by block (int32 accumulation) and scales them. The
+kernels here follow the float formula and summation order of ggml's portable C reference
+``ggml_vec_dot_<w>_<a>_generic``:
+
+==========  ===========================================================================
+weight      per block ``b`` of a row (``wd``/``wdmin`` the weight's half floats as float32,
+            ``xd`` the activation scale), summed into float32 in block order
+==========  ===========================================================================
+q8_0        ``sumf += float(isum) * (wd * xd)``
+q4_0        ``sumf += (float(isum) * wd) * xd``
+q5_0        ``sumf += (wd * xd) * float(isum)``
+q4_k/q5_k   ``aux[l] = sum_s sc_s * dot_s`` over the elements ``e`` of the block with
+            ``e % 8 == l`` (8 int32 lanes); ``sums[l] += (wd*xd) * float(aux[l])``;
+            ``sumf -= (wdmin*xd) * float(sum_j bsums[j] * m_{j//2})``; at the end of the
+            row ``sumf += sums[0]; ...; sumf += sums[7]``
+q6_k        as q4_k without the min term (``sc`` are the signed int8 sub-block scales)
+==========  ===========================================================================
+
+llama.cpp's SIMD builds compute the same integers but add the float terms in other orders
+(e.g. 8 float lanes with FMA), so results agree with a SIMD llama.cpp to float32 rounding,
+not bit for bit. One more difference worth knowing: on x86 with AVX/AVX2, llama.cpp does
+not use the *reference* q8_0 activation quantizer but ``quantize_row_q8_0`` from
+``arch/x86/quants.c``, which scales by ``127/amax`` (instead of ``1/d``) and rounds half to
+even (instead of half away from zero); :func:`quantize_q8_0_act_x86` is that variant and
+``matvec_q8act(..., q8_0_variant="x86")`` uses it. The q8_K quantizer is the reference one
+on every architecture.
+
+Implementation: the integer block products are small LLVM vector-IR intrinsics, because
+Numba widens all integer arithmetic to 64 bits and would not vectorise it. On x86 with
+AVX-VNNI / AVX512-VNNI they use ``vpdpbusd``, with plain AVX2 ``vpmaddubsw`` + ``vpmaddwd``
+(ggml's sign trick for signed x signed bytes), elsewhere portable IR (:data:`ISA`; the
+environment variable ``TORCHLESS_Q8ACT_ISA=generic|avx2`` lowers the choice -- use a fresh
+``NUMBA_CACHE_DIR`` then, the on-disk cache does not know the tier). The integers are exact
+and the float order fixed, so every tier gives the same bits. Details:
+
+* 32-element kinds: eight blocks per call, as four pairs whose 16-byte halves share one
+  32-byte vector (the activations are stored once per product in the matching order), then
+  a transposed reduction gives the eight block sums at once; q4_0 / q5_0 multiply the raw
+  unsigned quants and subtract 8 (16) times the block's activation sum. Two rows run side
+  by side so that their sequential float sums overlap.
+* k-quants: products in int16 (activations widened once per product), folded into the
+  reference's eight lanes ``e % 8`` and scaled with ``vpmaddwd``; scales and the min term
+  in scalar code.
+
+Like the kernels of :mod:`torchless.kernels.quant`, these take read-only C-contiguous uint8
+``data`` [rows, bytes_per_row] and int8 activation quants in [-127, 127] (what the
+quantizers produce); go through :func:`matvec_q8act`, which checks shapes and normalises
+the arguments so that every kernel has a single Numba specialisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..errors import TensorShapeError, UnsupportedError
+from . import quant as _q
+from .quant import _h2f
+
+QK8_0 = 32
+QK_K = 256
+
+#: weight kind -> activation format ("q8_0" or "q8_k")
+ACT_FORMAT = {
+    "q8_0": "q8_0",
+    "q4_0": "q8_0",
+    "q5_0": "q8_0",
+    "q4_k": "q8_k",
+    "q5_k": "q8_k",
+    "q6_k": "q8_k",
+}
+
+__all__ = [
+    "ACT_FORMAT",
+    "matvec_q8act",
+    "matvec_q8act_q4_0",
+    "matvec_q8act_q4_k",
+    "matvec_q8act_q5_0",
+    "matvec_q8act_q5_k",
+    "matvec_q8act_q6_k",
+    "matvec_q8act_q8_0",
+    "quantize_act",
+    "quantize_q8_0_act",
+    "quantize_q8_0_act_np",
+    "quantize_q8_0_act_x86",
+    "quantize_q8_0_act_x86_np",
+    "quantize_q8_k_act",
+    "quantize_q8_k_act_np",
+    "supports",
+]
+
+_F32 = np.float32
+
+
+def supports(kind: str) -> bool:
+    """True when :func:`matvec_q8act` has a kernel for weights of this kind."""
+    return kind in ACT_FORMAT
+
+
+# ----------------------------------------------------------------------------------------
+# Activation quantizers: NumPy (readable reference)
+# ----------------------------------------------------------------------------------------
+
+
+def _act_blocks(x, qk: int, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 1 or x.shape[0] == 0 or x.shape[0] % qk:
+        raise TensorShapeError(
+            f"{name} expects a 1-D vector whose length is a positive multiple of {qk}, "
+            f"got shape {x.shape}"
+        )
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, qk)
+
+
+def _round_f16_np(d: np.ndarray) -> np.ndarray:
+    """float32 -> nearest half (ties to even) -> float32, as GGML_FP32_TO_FP16 does."""
+    with np.errstate(over="ignore"):
+        return d.astype(np.float16).astype(np.float32)
+
+
+def quantize_q8_0_act_np(x):
+    """NumPy version of :func:`quantize_q8_0_act` (ggml ``quantize_row_q8_0_ref``)."""
+    xb = _act_blocks(x, QK8_0, "quantize_q8_0_act")
+    amax = np.abs(xb).max(axis=1)
+    d = (amax / _F32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, _F32(1) / d, _F32(0)).astype(np.float32)
+    v = (xb * inv[:, None]).astype(np.float32)
+    a = np.abs(v).astype(np.float64)
+    q = np.copysign(np.floor(a + 0.5), v)  # roundf: half away from zero (exact in float64)
+    return _round_f16_np(d), q.astype(np.int8).reshape(-1)
+
+
+def quantize_q8_0_act_x86_np(x):
+    """NumPy version of :func:`quantize_q8_0_act_x86` (ggml's AVX ``quantize_row_q8_0``)."""
+    xb = _act_blocks(x, QK8_0, "quantize_q8_0_act_x86")
+    amax = np.abs(xb).max(axis=1)
+    d = (amax / _F32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, _F32(127) / amax, _F32(0)).astype(np.float32)
+    v = (xb * inv[:, None]).astype(np.float32)
+    q = np.clip(np.rint(v), -128, 127)  # round half to even, saturating packs
+    return _round_f16_np(d), q.astype(np.int8).reshape(-1)
+
+
+def quantize_q8_k_act_np(x):
+    """NumPy version of :func:`quantize_q8_k_act` (ggml ``quantize_row_q8_K_ref``)."""
+    xb = _act_blocks(x, QK_K, "quantize_q8_k_act")
+    imax = np.abs(xb).argmax(axis=1)  # first element of largest magnitude
+    mx = xb[np.arange(xb.shape[0]), imax]
+    zero = mx == 0
+    with np.errstate(divide="ignore"):
+        iscale = np.where(zero, _F32(0), _F32(-127) / np.where(zero, _F32(1), mx)).astype(
+            np.float32
+        )
+    v = (iscale[:, None] * xb).astype(np.float32)
+    q = np.minimum(np.rint(v), 127).astype(np.int8)  # nearest_int: ties to even
+    q[zero] = 0
+    with np.errstate(divide="ignore"):
+        d = np.where(zero, _F32(0), _F32(1) / np.where(zero, _F32(1), iscale)).astype(np.float32)
+    bsums = q.reshape(-1, QK_K // 16, 16).astype(np.int32).sum(axis=2).astype(np.int16)
+    return d, q.reshape(-1), bsums.reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Activation quantizers: Numba
+# ----------------------------------------------------------------------------------------
+
+_F16_MAX_ROUNDS_TO_INF = 65520.0  # |v| >= this rounds to infinity in half precision
+
+
+@njit(inline="always", cache=True)
+def _round_f16(v):
+    """float32 -> nearest IEEE half (ties to even) -> float32; portable and exact."""
+    a = abs(np.float64(v))
+    if not a < _F16_MAX_ROUNDS_TO_INF:  # overflow, inf or nan
+        if math.isnan(a):
+            return v
+        return _F32(math.copysign(math.inf, v))
+    if a < 6.103515625e-05:  # below 2**-14: half subnormals, spacing 2**-24
+        step = 5.960464477539063e-08
+    else:
+        _, e = math.frexp(a)  # a in [2**(e-1), 2**e): spacing 2**(e-11)
+        step = math.ldexp(1.0, e - 11)
+    r = np.rint(a / step) * step  # exact: scaling by powers of two, rint ties to even
+    return _F32(math.copysign(r, v))
+
+
+@njit(cache=True)
+def _q8_0_act_into(x, d, qs):
+    """ggml ``quantize_row_q8_0_ref``: d = amax/127 (stored as a half), q = roundf(x/d)."""
+    for b in range(x.shape[0] // 32):
+        o = b * 32
+        amax = _F32(0)
+        for j in range(32):
+            a = abs(x[o + j])
+            if not amax > a:  # MAX(amax, fabsf(v))
+                amax = a
+        dd = amax / _F32(127)
+        inv = _F32(1) / dd if dd != 0 else _F32(0)
+        d[b] = _round_f16(dd)
+        for j in range(32):
+            v = x[o + j] * inv
+            r = math.floor(abs(np.float64(v)) + 0.5)  # roundf, half away from zero
+            qs[o + j] = np.int8(r if v >= 0 else -r)
+
+
+@njit(cache=True)
+def _q8_0_act_x86_into(x, d, qs):
+    """ggml's AVX/AVX2 ``quantize_row_q8_0``: x * (127/amax), rounded half to even."""
+    for b in range(x.shape[0] // 32):
+        o = b * 32
+        amax = _F32(0)
+        for j in range(32):
+            amax = max(amax, abs(x[o + j]))
+        d[b] = _round_f16(amax / _F32(127))
+        inv = _F32(127) / amax if amax != 0 else _F32(0)
+        for j in range(32):
+            r = np.rint(np.float64(x[o + j] * inv))
+            qs[o + j] = np.int8(min(127.0, max(-128.0, r)))
+
+
+@njit(cache=True)
+def _q8_k_act_into(x, d, qs, bsums):
+    """ggml ``quantize_row_q8_K_ref``: iscale = -127/max (max = the signed value of largest
+    magnitude), q = min(127, nearest_int(iscale*x)), d = 1/iscale, bsums of 16."""
+    for b in range(x.shape[0] // 256):
+        o = b * 256
+        amax = _F32(0)
+        mx = _F32(0)
+        for j in range(256):
+            a = abs(x[o + j])
+            if a > amax:
+                amax = a
+                mx = x[o + j]
+        if amax == 0:
+            d[b] = 0
+            for j in range(256):
+                qs[o + j] = 0
+            for j in range(16):
+                bsums[b * 16 + j] = 0
+            continue
+        iscale = _F32(-127) / mx
+        for j in range(256):
+            r = np.rint(np.float64(iscale * x[o + j]))  # nearest_int: ties to even
+            qs[o + j] = np.int8(min(127.0, r))
+        for j in range(16):
+            s = 0
+            for i in range(16):
+                s += qs[o + 16 * j + i]
+            bsums[b * 16 + j] = s
+        d[b] = _F32(1) / iscale
+
+
+def _act_vector(x, qk: int, name: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 1 or x.shape[0] == 0 or x.shape[0] % qk:
+        raise TensorShapeError(
+            f"{name} expects a 1-D vector whose length is a positive multiple of {qk}, "
+            f"got shape {x.shape}"
+        )
+    return x
+
+
+def quantize_q8_0_act(x):
+    """float32 [n] -> (d float32 [n//32], qs int8 [n]), exactly ggml's ``quantize_row_q8_0_ref``.
+
+    ``d`` is the block's ``amax / 127`` rounded to a half float (the value the dot products
+    use); ``qs = roundf(x * (1/d_f32))`` with ``d_f32`` the unrounded scale.
+    """
+    x = _act_vector(x, QK8_0, "quantize_q8_0_act")
+    d = np.empty(x.shape[0] // QK8_0, np.float32)
+    qs = np.empty(x.shape[0], np.int8)
+    _q8_0_act_into(x, d, qs)
+    return d, qs
+
+
+def quantize_q8_0_act_x86(x):
+    """Like :func:`quantize_q8_0_act` but as ggml's AVX/AVX2 ``quantize_row_q8_0`` (what an
+    x86 llama.cpp build actually runs): ``qs = rint(x * (127/amax))`` (ties to even)."""
+    x = _act_vector(x, QK8_0, "quantize_q8_0_act_x86")
+    d = np.empty(x.shape[0] // QK8_0, np.float32)
+    qs = np.empty(x.shape[0], np.int8)
+    _q8_0_act_x86_into(x, d, qs)
+    return d, qs
+
+
+def quantize_q8_k_act(x):
+    """float32 [n] -> (d float32 [n//256], qs int8 [n], bsums int16 [n//16]), exactly ggml's
+    ``quantize_row_q8_K_ref`` (an all-zero block gets d = 0, qs = 0 and bsums = 0)."""
+    x = _act_vector(x, QK_K, "quantize_q8_k_act")
+    n = x.shape[0]
+    d = np.empty(n // QK_K, np.float32)
+    qs = np.empty(n, np.int8)
+    bsums = np.empty(n // 16, np.int16)
+    _q8_k_act_into(x, d, qs, bsums)
+    return d, qs, bsums
+
+
+# ----------------------------------------------------------------------------------------
+# Vector-IR building blocks
+# ----------------------------------------------------------------------------------------
+# The intrinsics below emit LLVM vector IR. The byte dot products go through ``_dot4``
+# (vpdpbusd / vpmaddubsw on x86, plain widening multiplies elsewhere); the k-quants,
+# whose reference keeps per-lane sums (element e -> lane e % 8), multiply in int16 with
+# activations widened to int16 once per product (``x16``).
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+
+_ISA_ORDER = ("generic", "avx2", "vnni")
+
+
+def _detect_isa() -> str:
+    """Which integer dot-product instructions the host has: "vnni" (AVX-VNNI or
+    AVX512-VNNI+VL, x86), "avx2" (x86) or "generic" (portable LLVM IR, any host).
+    ``TORCHLESS_Q8ACT_ISA`` may lower the choice (e.g. to test the portable code)."""
+    isa = "generic"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        try:
+            from llvmlite import binding as llvm
+
+            f = llvm.get_host_cpu_features()
+        except (AttributeError, RuntimeError, OSError):  # pragma: no cover
+            f = {}
+        if f.get("avx2", False):
+            isa = "avx2"
+            if f.get("avxvnni", False) or (f.get("avx512vnni", False) and f.get("avx512vl", False)):
+                isa = "vnni"
+    want = os.environ.get("TORCHLESS_Q8ACT_ISA", "").strip().lower()
+    if want in _ISA_ORDER and _ISA_ORDER.index(want) < _ISA_ORDER.index(isa):
+        isa = want
+    return isa
+
+
+#: the instruction tier the kernels were compiled for (results do not depend on it)
+ISA = _detect_isa()
+
+
+def _vec(ty, n):
+    return ir.VectorType(ty, n)
+
+
+def _splat_const(ty, n, v):
+    return ir.Constant(_vec(ty, n), [ir.Constant(ty, v)] * n)
+
+
+def _idx(values):
+    values = list(values)
+    return ir.Constant(_vec(_I32, len(values)), [ir.Constant(_I32, v) for v in values])
+
+
+def _elem_ptr(context, builder, aty, aval, off, offty):
+    """Pointer to element ``off`` of the 1-D array ``aval``."""
+    arr = context.make_array(aty)(context, builder, value=aval)
+    o = context.cast(builder, off, offty, types.intp)
+    return builder.gep(arr.data, [o])
+
+
+def _arg_ptr(context, builder, sig, args, i):
+    """Pointer to element ``args[i + 1]`` of array argument ``args[i]``."""
+    return _elem_ptr(context, builder, sig.args[i], args[i], args[i + 1], sig.args[i + 1])
+
+
+def _data_ptr(context, builder, sig, args, i):
+    return context.make_array(sig.args[i])(context, builder, value=args[i]).data
+
+
+def _at(builder, ptr, k):
+    return builder.gep(ptr, [ir.Constant(_I64, k)]) if k else ptr
+
+
+def _load(builder, ptr, ty, n):
+    """Unaligned load of ``n`` consecutive ``ty`` at ``ptr`` (any element pointer type)."""
+    return builder.load(builder.bitcast(ptr, _vec(ty, n).as_pointer()), align=1)
+
+
+def _store(builder, ptr, v):
+    builder.store(v, builder.bitcast(ptr, v.type.as_pointer()), align=1)
+
+
+def _shuf(builder, a, b, idx):
+    return builder.shuffle_vector(a, b, _idx(idx))
+
+
+def _slice(builder, v, start, n):
+    return _shuf(builder, v, v, range(start, start + n))
+
+
+def _widen(builder, v, ty, signed):
+    t = _vec(ty, v.type.count)
+    return builder.sext(v, t) if signed else builder.zext(v, t)
+
+
+def _x86(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ret, [a.type for a in args]), name
+    )
+    return builder.call(fn, args)
+
+
+def _pmadd(builder, a, b):
+    """<2n x i16> a, b -> <n x i32> with lane i = a[2i]*b[2i] + a[2i+1]*b[2i+1] (vpmaddwd)."""
+    n2 = a.type.count
+    if ISA != "generic" and n2 == 16:
+        return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [a, b])
+    ev, od = range(0, n2, 2), range(1, n2, 2)
+
+    def half(sel):
+        return builder.mul(
+            _widen(builder, _shuf(builder, a, a, sel), _I32, True),
+            _widen(builder, _shuf(builder, b, b, sel), _I32, True),
+        )
+
+    return builder.add(half(ev), half(od))
+
+
+def _dot4(builder, a, b, a_signed, acc=None):
+    """<32 x i8> a, b -> <8 x i32>, lane i = sum_{k<4} a[4i+k] * b[4i+k].
+
+    ``a`` is read as unsigned (nibbles, 5/6-bit quants) or signed, ``b`` as signed; ``b``
+    must not hold -128 (quantized activations are within [-127, 127]). Adds ``acc`` (an
+    <8 x i32>) when given. On x86 this is one
+    ``vpdpbusd`` (AVX-VNNI / AVX512-VNNI) or ``vpmaddubsw`` + ``vpmaddwd`` (AVX2), with
+    ggml's sign trick ``|a| * (b * sign(a))`` for a signed ``a``.
+    """
+    if ISA == "generic":
+        p = builder.mul(_widen(builder, a, _I32, a_signed), _widen(builder, b, _I32, True))
+        for k in range(4):
+            t = _shuf(builder, p, p, range(k, 32, 4))
+            acc = t if acc is None else builder.add(acc, t)
+        return acc
+    if a_signed:
+        b = _x86(builder, "llvm.x86.avx2.psign.b", a.type, [b, a])
+        absfn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(a.type, [a.type, ir.IntType(1)]), "llvm.abs.v32i8"
+        )
+        a = builder.call(absfn, [a, ir.Constant(ir.IntType(1), 0)])
+    v8 = _vec(_I32, 8)
+    if ISA == "vnni":
+        return _x86(
+            builder,
+            "llvm.x86.avx512.vpdpbusd.256",
+            v8,
+            [
+                _splat_const(_I32, 8, 0) if acc is None else acc,
+                builder.bitcast(a, v8),
+                builder.bitcast(b, v8),
+            ],
+        )
+    t = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [a, b])
+    r = _x86(builder, "llvm.x86.avx2.pmadd.wd", v8, [t, _splat_const(_I16, 16, 1)])
+    return r if acc is None else builder.add(acc, r)
+
+
+def _reduce_add(builder, v):
+    """Sum of the elements of an integer vector (llvm.vector.reduce.add)."""
+    fnty = ir.FunctionType(v.type.element, [v.type])
+    name = f"llvm.vector.reduce.add.v{v.type.count}i{v.type.element.width}"
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), [v])
+
+
+def _fold8(builder, v):
+    """Sum a vector of 8k elements into 8 lanes: lane l = sum_k v[8k + l]."""
+    acc = _slice(builder, v, 0, 8)
+    for k in range(8, v.type.count, 8):
+        acc = builder.add(acc, _slice(builder, v, k, 8))
+    return acc
+
+
+def _interleave(builder, a, b):
+    """<n> a, b -> <2n> (a0, b0, a1, b1, ...)."""
+    n = a.type.count
+    return _shuf(builder, a, b, [i // 2 + (n if i % 2 else 0) for i in range(2 * n)])
+
+
+def _transposed_sums(builder, vecs, g=8):
+    """Block sums from vectors of partial sums.
+
+    Each of the 1, 2, 4 or 8 vectors <8 x i32> holds ``8 // g`` consecutive blocks with
+    ``g`` partial sums each (lanes ``i*g .. i*g + g - 1`` belong to its block ``i``).
+    Returns <nblk x i32>, the blocks' sums in order. Pairs of vectors are combined by
+    adding two shuffles that each take half of the lanes of both, so 8 block sums cost a
+    handful of shuffles instead of 8 separate horizontal reductions.
+    """
+    nblk = len(vecs) * (8 // g)
+    cur = list(vecs)
+    while len(cur) > 1:
+        k = 8 // g  # blocks per vector
+        first = [off + i * g + j for off in (0, 8) for i in range(k) for j in range(g // 2)]
+        second = [f + g // 2 for f in first]
+        cur = [
+            builder.add(_shuf(builder, a, b, first), _shuf(builder, a, b, second))
+            for a, b in zip(cur[0::2], cur[1::2])
+        ]
+        g //= 2
+    v = cur[0]
+    while g > 1:
+        first = [i * g + j for i in range(nblk) for j in range(g // 2)]
+        second = [f + g // 2 for f in first]
+        v = builder.add(_shuf(builder, v, v, first), _shuf(builder, v, v, second))
+        g //= 2
+    return v
+
+
+def _is_array(t, dtype):
+    return isinstance(t, types.Array) and t.ndim == 1 and t.dtype == dtype
+
+
+def _is_int(*ts):
+    return all(isinstance(t, types.Integer) for t in ts)
+
+
+def _nibbles16(builder, q):
+    """Bytes <n x i8> -> (low nibbles, high nibbles) as <n x i16>."""
+    n = q.type.count
+    z = _widen(builder, q, _I16, False)
+    return builder.and_(z, _splat_const(_I16, n, 15)), builder.lshr(z, _splat_const(_I16, n, 4))
+
+
+def _bits16(builder, h, shift, mask, up=4):
+    """((h >> shift) & mask) << up on an i16 vector."""
+    n = h.type.count
+    v = builder.lshr(h, _splat_const(_I16, n, shift)) if shift else h
+    return builder.shl(builder.and_(v, _splat_const(_I16, n, mask)), _splat_const(_I16, n, up))
+
+
+# --- the 32-element blocks ---------------------------------------------------------------
+# Block dot products use the raw unsigned quants of q4_0 / q5_0 (0..15 / 0..31); 8 resp. 16
+# times the block's activation sum (``xsum``) is subtracted afterwards, which is exact.
+#
+# Eight blocks are done at a time, as four pairs. A pair's two 16-byte halves are combined
+# into 32-byte vectors [A[0:16], B[0:16]] and [A[16:32], B[16:32]] (for q4_0 / q5_0 the low
+# and the high nibbles), so no cross-lane shuffle is needed for the weights; the activations
+# are stored in the same pair order once per product (``xp``, see ``_pair_layout``).
+
+
+def _lo_hi(builder, q):
+    """Low and high nibbles (0..15) of a byte vector."""
+    n = q.type.count
+    return builder.and_(q, _splat_const(_I8, n, 15)), builder.lshr(q, _splat_const(_I8, n, 4))
+
+
+def _two(builder, p, off_a, off_b, n=16):
+    """<2n x i8>: n bytes at p + off_a followed by n bytes at p + off_b."""
+    a = _load(builder, _at(builder, p, off_a), _I8, n)
+    b = _load(builder, _at(builder, p, off_b), _I8, n)
+    return _shuf(builder, a, b, range(2 * n))
+
+
+def _q5_high(builder, qh8, sel):
+    """Bits of two q5_0 ``qh`` words (<8 x i8>: word A bytes 0..3, word B bytes 4..7) as
+    values 0 / 16 for the 32 elements whose bits live in bytes ``sel`` (16 per word)."""
+    rep = _shuf(builder, qh8, qh8, sel)
+    mask = ir.Constant(_vec(_I8, 32), [ir.Constant(_I8, 1 << (j % 8)) for j in range(32)])
+    bit = builder.icmp_unsigned("!=", builder.and_(rep, mask), _splat_const(_I8, 32, 0))
+    return builder.shl(builder.zext(bit, _vec(_I8, 32)), _splat_const(_I8, 32, 4))
+
+
+# a pair of blocks A (at p) and B (at p + bpb) with activations at px (pair layout):
+# one <8 x i32>, lanes 0-3 partial sums of A, lanes 4-7 of B
+
+
+def _pair_q8_0(builder, p, px, bpb):
+    acc = _dot4(builder, _two(builder, p, 2, bpb + 2), _load(builder, px, _I8, 32), True)
+    hi = _two(builder, p, 18, bpb + 18)
+    return _dot4(builder, hi, _load(builder, _at(builder, px, 32), _I8, 32), True, acc)
+
+
+def _pair_q4_0(builder, p, px, bpb):
+    lo, hi = _lo_hi(builder, _two(builder, p, 2, bpb + 2))
+    acc = _dot4(builder, lo, _load(builder, px, _I8, 32), False)
+    return _dot4(builder, hi, _load(builder, _at(builder, px, 32), _I8, 32), False, acc)
+
+
+def _pair_q5_0(builder, p, px, bpb):
+    lo, hi = _lo_hi(builder, _two(builder, p, 6, bpb + 6))
+    qh8 = _two(builder, p, 2, bpb + 2, 4)
+    first = [j // 8 for j in range(16)] + [4 + j // 8 for j in range(16)]
+    lo = builder.or_(lo, _q5_high(builder, qh8, first))
+    hi = builder.or_(hi, _q5_high(builder, qh8, [i + 2 for i in first]))
+    acc = _dot4(builder, lo, _load(builder, px, _I8, 32), False)
+    return _dot4(builder, hi, _load(builder, _at(builder, px, 32), _I8, 32), False, acc)
+
+
+# a single block (natural activation order): one <8 x i32> of partial sums
+
+
+def _one_q8_0(builder, p, px):
+    return _dot4(
+        builder, _load(builder, _at(builder, p, 2), _I8, 32), _load(builder, px, _I8, 32), True
+    )
+
+
+def _one_q4_0(builder, p, px):
+    lo, hi = _lo_hi(builder, _load(builder, _at(builder, p, 2), _I8, 16))
+    return _dot4(builder, _shuf(builder, lo, hi, range(32)), _load(builder, px, _I8, 32), False)
+
+
+def _one_q5_0(builder, p, px):
+    lo, hi = _lo_hi(builder, _load(builder, _at(builder, p, 6), _I8, 16))
+    qh = _load(builder, _at(builder, p, 2), _I8, 4)
+    qh8 = _shuf(builder, qh, qh, range(8))
+    w = builder.or_(
+        _shuf(builder, lo, hi, range(32)), _q5_high(builder, qh8, [j // 8 for j in range(32)])
+    )
+    return _dot4(builder, w, _load(builder, px, _I8, 32), False)
+
+
+def _make_fsums(pair, one, bpb, bias, nblk, name):
+    """An intrinsic ``f(u, o, x, xo, xsum, bo, out)``: for the ``nblk`` (8 or 1) blocks
+    starting at byte ``o`` of ``u`` (block index ``bo``), ``out[k] = float32(isum_k - bias *
+    xsum[bo + k])`` where ``isum_k`` is the integer dot product with the int8 activations
+    at ``x[xo:]`` (pair layout for 8 blocks, natural order for one)."""
+
+    def impl(typingctx, u, o, x, xo, xsum, bo, out):
+        if not (
+            isinstance(u, types.Array)
+            and u.ndim == 1
+            and u.dtype in (types.uint8, types.int8)
+            and _is_array(x, types.int8)
+            and _is_array(xsum, types.int32)
+            and _is_array(out, types.float32)
+            and _is_int(o, xo, bo)
+        ):
+            return None
+        sig = types.void(u, o, x, xo, xsum, bo, out)
+
+        def codegen(context, builder, sig, args):
+            p = _arg_ptr(context, builder, sig, args, 0)
+            px = _arg_ptr(context, builder, sig, args, 2)
+            if nblk == 1:
+                isum = _transposed_sums(builder, [one(builder, p, px)])
+            else:
+                vecs = [
+                    pair(builder, _at(builder, p, 2 * bpb * k), _at(builder, px, 64 * k), bpb)
+                    for k in range(nblk // 2)
+                ]
+                isum = _transposed_sums(builder, vecs, 4)
+            if bias:
+                xs = _load(builder, _arg_ptr(context, builder, sig, args, 4), _I32, nblk)
+                isum = builder.sub(isum, builder.mul(xs, _splat_const(_I32, nblk, bias)))
+            f = builder.sitofp(isum, _vec(ir.FloatType(), nblk))
+            _store(builder, _data_ptr(context, builder, sig, args, 6), f)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = name
+    return intrinsic(impl)
+
+
+_fsums8_q8_0 = _make_fsums(_pair_q8_0, _one_q8_0, 34, 0, 8, "_fsums8_q8_0")
+_fsums1_q8_0 = _make_fsums(_pair_q8_0, _one_q8_0, 34, 0, 1, "_fsums1_q8_0")
+_fsums8_q4_0 = _make_fsums(_pair_q4_0, _one_q4_0, 18, 8, 8, "_fsums8_q4_0")
+_fsums1_q4_0 = _make_fsums(_pair_q4_0, _one_q4_0, 18, 8, 1, "_fsums1_q4_0")
+_fsums8_q5_0 = _make_fsums(_pair_q5_0, _one_q5_0, 22, 16, 8, "_fsums8_q5_0")
+_fsums1_q5_0 = _make_fsums(_pair_q5_0, _one_q5_0, 22, 16, 1, "_fsums1_q5_0")
+
+
+# --- the 256-element k-quant blocks: 8 int32 lanes (element e -> lane e % 8) -------------
+
+
+def _scaled_pair(builder, la, lb, sa, sb):
+    """<8 x i16> lane sums of two sub-blocks and their scales (i16) -> <8 x i32>
+    la * sa + lb * sb (one vpmaddwd on the interleaved lanes)."""
+    v = _interleave(builder, la, lb)
+    s = builder.insert_element(ir.Constant(_vec(_I16, 2), None), sa, ir.Constant(_I32, 0))
+    s = builder.insert_element(s, sb, ir.Constant(_I32, 1))
+    return _pmadd(builder, v, _shuf(builder, s, s, [0, 1] * 8))
+
+
+def _k4_scales_mins(builder, p):
+    """The 8 six-bit scales and mins (<8 x i16> each) of the q4_k / q5_k block at ``p``,
+    unpacked from its 12 bytes at ``p + 4`` with ggml's ``utmp`` word arithmetic."""
+    w0, w1, w2 = (
+        builder.load(builder.bitcast(_at(builder, p, 4 + 4 * i), _I32.as_pointer()), align=1)
+        for i in range(3)
+    )
+
+    def c(v):
+        return ir.Constant(_I32, v)
+
+    km1, km2, km3 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
+    u3 = builder.or_(
+        builder.and_(builder.lshr(w2, c(4)), km2),
+        builder.shl(builder.and_(builder.lshr(w1, c(6)), km3), c(4)),
+    )
+    u2 = builder.and_(w1, km1)
+    u1 = builder.or_(
+        builder.and_(w2, km2), builder.shl(builder.and_(builder.lshr(w0, c(6)), km3), c(4))
+    )
+    u0 = builder.and_(w0, km1)
+    v = ir.Constant(_vec(_I32, 4), None)
+    for i, u in enumerate((u0, u1, u2, u3)):
+        v = builder.insert_element(v, u, c(i))
+    b = builder.bitcast(v, _vec(_I8, 16))
+    return (
+        _widen(builder, _slice(builder, b, 0, 8), _I16, False),
+        _widen(builder, _slice(builder, b, 8, 8), _I16, False),
+    )
+
+
+def _k4_block(with_high):
+    """Codegen of ``f(u, o, x16, xo, bsums, bo, aux) -> msum`` for the q4_k / q5_k block at
+    byte ``o`` of ``u``: ``aux[l] = sum_s sc[s] * sum_k w[32s + 8k + l] * x[32s + 8k + l]``
+    (the reference's eight lanes) and ``msum = sum_j bsums[bo + j] * m[j // 2]``."""
+
+    def codegen(context, builder, sig, args):
+        p = _arg_ptr(context, builder, sig, args, 0)
+        px = _arg_ptr(context, builder, sig, args, 2)
+        sc, mn = _k4_scales_mins(builder, p)
+        qoff = 48 if with_high else 16
+        qh = None
+        if with_high:
+            qh = _widen(builder, _load(builder, _at(builder, p, 16), _I8, 32), _I16, False)
+        acc = None
+        for i in range(4):
+            q = _load(builder, _at(builder, p, qoff + 32 * i), _I8, 32)
+            lanes = []
+            for half, w in enumerate(_nibbles16(builder, q)):
+                s = 2 * i + half
+                if with_high:
+                    w = builder.or_(w, _bits16(builder, qh, s, 1))
+                prod = builder.mul(w, _load(builder, _at(builder, px, 32 * s), _I16, 32))
+                lanes.append(_fold8(builder, prod))
+            sa = builder.extract_element(sc, ir.Constant(_I32, 2 * i))
+            sb = builder.extract_element(sc, ir.Constant(_I32, 2 * i + 1))
+            t = _scaled_pair(builder, lanes[0], lanes[1], sa, sb)
+            acc = t if acc is None else builder.add(acc, t)
+        _store(builder, _data_ptr(context, builder, sig, args, 6), acc)
+        bs = _load(builder, _arg_ptr(context, builder, sig, args, 4), _I16, 16)
+        mins = _shuf(builder, mn, mn, [j // 2 for j in range(16)])
+        return builder.sext(_reduce_add(builder, _pmadd(builder, bs, mins)), _I64)
+
+    return codegen
+
+
+def _k4_sig(u, o, x, xo, bsums, bo, aux):
+    if not (
+        _is_array(u, types.uint8)
+        and _is_array(x, types.int16)
+        and _is_array(bsums, types.int16)
+        and _is_array(aux, types.int32)
+        and _is_int(o, xo, bo)
+    ):
+        return None
+    return types.int64(u, o, x, xo, bsums, bo, aux)
+
+
+@intrinsic
+def _blk_q4_k(typingctx, u, o, x, xo, bsums, bo, aux):
+    """One q4_k block: eight int32 lane sums into ``aux``, returns the min term's integer
+    (see :func:`_k4_block`)."""
+    sig = _k4_sig(u, o, x, xo, bsums, bo, aux)
+    return None if sig is None else (sig, _k4_block(False))
+
+
+@intrinsic
+def _blk_q5_k(typingctx, u, o, x, xo, bsums, bo, aux):
+    """One q5_k block (see :func:`_blk_q4_k`)."""
+    sig = _k4_sig(u, o, x, xo, bsums, bo, aux)
+    return None if sig is None else (sig, _k4_block(True))
+
+
+@intrinsic
+def _aux_q6_k(typingctx, u, o, x, xo, aux):
+    """aux[l] = sum_j sc[j] * sum_{k<2} w[16j + 8k + l] * x[16j + 8k + l] for the q6_k block
+    at u[o:o+210] (int8 sub-block scales sc[16] at byte 192, w = 6-bit quant - 32)."""
+    if not (
+        _is_array(u, types.uint8)
+        and _is_array(x, types.int16)
+        and _is_array(aux, types.int32)
+        and _is_int(o, xo)
+    ):
+        return None
+    sig = types.void(u, o, x, xo, aux)
+
+    def codegen(context, builder, sig, args):
+        p = _arg_ptr(context, builder, sig, args, 0)
+        px = _arg_ptr(context, builder, sig, args, 2)
+        scales = _widen(builder, _load(builder, _at(builder, p, 192), _I8, 16), _I16, True)
+        m32 = _splat_const(_I16, 32, 32)
+        acc = None
+        for h in range(2):
+            lo0, hi0 = _nibbles16(builder, _load(builder, _at(builder, p, 64 * h), _I8, 32))
+            lo1, hi1 = _nibbles16(builder, _load(builder, _at(builder, p, 64 * h + 32), _I8, 32))
+            qh = _widen(
+                builder, _load(builder, _at(builder, p, 128 + 32 * h), _I8, 32), _I16, False
+            )
+            parts = [
+                builder.or_(lo0, _bits16(builder, qh, 0, 3)),
+                builder.or_(lo1, _bits16(builder, qh, 2, 3)),
+                builder.or_(hi0, _bits16(builder, qh, 4, 3)),
+                builder.or_(hi1, _bits16(builder, qh, 6, 3)),
+            ]
+            for k, w in enumerate(parts):
+                x = _load(builder, _at(builder, px, 128 * h + 32 * k), _I16, 32)
+                prod = builder.mul(builder.sub(w, m32), x)
+                la = _fold8(builder, _slice(builder, prod, 0, 16))
+                lb = _fold8(builder, _slice(builder, prod, 16, 16))
+                j = 8 * h + 2 * k  # the sub-blocks j and j + 1 of 16 elements
+                sa = builder.extract_element(scales, ir.Constant(_I32, j))
+                sb = builder.extract_element(scales, ir.Constant(_I32, j + 1))
+                t = _scaled_pair(builder, la, lb, sa, sb)
+                acc = t if acc is None else builder.add(acc, t)
+        _store(builder, _data_ptr(context, builder, sig, args, 4), acc)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ----------------------------------------------------------------------------------------
+# Per-row dot products (ggml_vec_dot_*_generic float order)
+# ----------------------------------------------------------------------------------------
+# The 32-element kinds run two rows side by side: each row keeps its own sequential float
+# sum (the reference order), and the two independent chains hide each other's latency.
+
+
+@njit(inline="always", cache=True)
+def _act_prep(xq, xp, xsum):
+    """xsum[b]: sum of the activation quants of block b; xp: xq in pair layout (for each
+    pair of blocks A, B: A[0:16], B[0:16], A[16:32], B[16:32]; an odd last block as is)."""
+    nb = xsum.shape[0]
+    for b in range(nb):
+        s = 0
+        for j in range(32):
+            s += xq[32 * b + j]
+        xsum[b] = s
+    for pb in range(nb // 2):
+        o = 64 * pb
+        for j in range(16):
+            xp[o + j] = xq[o + j]
+            xp[o + 16 + j] = xq[o + 32 + j]
+            xp[o + 32 + j] = xq[o + 16 + j]
+            xp[o + 48 + j] = xq[o + 48 + j]
+    for j in range(64 * (nb // 2), 32 * nb):
+        xp[j] = xq[j]
+
+
+@njit(inline="always", cache=True)
+def _rows_q8_0(u0, u1, xd, xq, xp, xsum, fs):
+    nb = u0.shape[0] // 34
+    full = nb - nb % 8
+    s0 = _F32(0)
+    s1 = _F32(0)
+    for g in range(0, full, 8):
+        _fsums8_q8_0(u0, g * 34, xp, g * 32, xsum, g, fs[0:8])
+        _fsums8_q8_0(u1, g * 34, xp, g * 32, xsum, g, fs[8:16])
+        for k in range(8):
+            b = g + k
+            o = b * 34
+            s0 += fs[k] * (_h2f(u0[o], u0[o + 1]) * xd[b])
+            s1 += fs[8 + k] * (_h2f(u1[o], u1[o + 1]) * xd[b])
+    for b in range(full, nb):
+        o = b * 34
+        _fsums1_q8_0(u0, o, xq, b * 32, xsum, b, fs[0:1])
+        _fsums1_q8_0(u1, o, xq, b * 32, xsum, b, fs[8:9])
+        s0 += fs[0] * (_h2f(u0[o], u0[o + 1]) * xd[b])
+        s1 += fs[8] * (_h2f(u1[o], u1[o + 1]) * xd[b])
+    return s0, s1
+
+
+@njit(inline="always", cache=True)
+def _rows_q4_0(u0, u1, xd, xq, xp, xsum, fs):
+    nb = u0.shape[0] // 18
+    full = nb - nb % 8
+    s0 = _F32(0)
+    s1 = _F32(0)
+    for g in range(0, full, 8):
+        _fsums8_q4_0(u0, g * 18, xp, g * 32, xsum, g, fs[0:8])
+        _fsums8_q4_0(u1, g * 18, xp, g * 32, xsum, g, fs[8:16])
+        for k in range(8):
+            b = g + k
+            o = b * 18
+            s0 += (fs[k] * _h2f(u0[o], u0[o + 1])) * xd[b]
+            s1 += (fs[8 + k] * _h2f(u1[o], u1[o + 1])) * xd[b]
+    for b in range(full, nb):
+        o = b * 18
+        _fsums1_q4_0(u0, o, xq, b * 32, xsum, b, fs[0:1])
+        _fsums1_q4_0(u1, o, xq, b * 32, xsum, b, fs[8:9])
+        s0 += (fs[0] * _h2f(u0[o], u0[o + 1])) * xd[b]
+        s1 += (fs[8] * _h2f(u1[o], u1[o + 1])) * xd[b]
+    return s0, s1
+
+
+@njit(inline="always", cache=True)
+def _rows_q5_0(u0, u1, xd, xq, xp, xsum, fs):
+    nb = u0.shape[0] // 22
+    full = nb - nb % 8
+    s0 = _F32(0)
+    s1 = _F32(0)
+    for g in range(0, full, 8):
+        _fsums8_q5_0(u0, g * 22, xp, g * 32, xsum, g, fs[0:8])
+        _fsums8_q5_0(u1, g * 22, xp, g * 32, xsum, g, fs[8:16])
+        for k in range(8):
+            b = g + k
+            o = b * 22
+            s0 += (_h2f(u0[o], u0[o + 1]) * xd[b]) * fs[k]
+            s1 += (_h2f(u1[o], u1[o + 1]) * xd[b]) * fs[8 + k]
+    for b in range(full, nb):
+        o = b * 22
+        _fsums1_q5_0(u0, o, xq, b * 32, xsum, b, fs[0:1])
+        _fsums1_q5_0(u1, o, xq, b * 32, xsum, b, fs[8:9])
+        s0 += (_h2f(u0[o], u0[o + 1]) * xd[b]) * fs[0]
+        s1 += (_h2f(u1[o], u1[o + 1]) * xd[b]) * fs[8]
+    return s0, s1
+
+
+@njit(inline="always", cache=True)
+def _row_k4(u, xd, x16, bsums, aux, sums, bpb, with_high):
+    for l in range(8):
+        sums[l] = 0
+    sumf = _F32(0)
+    for b in range(u.shape[0] // bpb):
+        o = b * bpb
+        if with_high:
+            msum = _blk_q5_k(u, o, x16, b * 256, bsums, b * 16, aux)
+        else:
+            msum = _blk_q4_k(u, o, x16, b * 256, bsums, b * 16, aux)
+        d = _h2f(u[o], u[o + 1]) * xd[b]
+        for l in range(8):
+            sums[l] += d * _F32(aux[l])
+        dmin = _h2f(u[o + 2], u[o + 3]) * xd[b]
+        sumf -= dmin * _F32(msum)
+    for l in range(8):
+        sumf += sums[l]
+    return sumf
+
+
+@njit(inline="always", cache=True)
+def _row_q6_k(u, xd, x16, aux, sums):
+    for l in range(8):
+        sums[l] = 0
+    for b in range(u.shape[0] // 210):
+        o = b * 210
+        _aux_q6_k(u, o, x16, b * 256, aux)
+        d = _h2f(u[o + 208], u[o + 209]) * xd[b]
+        for l in range(8):
+            sums[l] += d * _F32(aux[l])
+    sumf = _F32(0)
+    for l in range(8):
+        sumf += sums[l]
+    return sumf
+
+
+# ----------------------------------------------------------------------------------------
+# Parallel kernels (rows in chunks; per-chunk scratch)
+# ----------------------------------------------------------------------------------------
+
+_JIT = {"parallel": True, "cache": True, "fastmath": False}
+_CHUNK = 8  # rows per parallel work item (even: the 32-element kinds do row pairs)
+
+
+@njit(**_JIT)
+def matvec_q8act_q8_0(data, xd, xq, out):
+    """out[r] = row r of q8_0 ``data`` . (xd, xq) (q8_0 activations)."""
+    rows = data.shape[0]
+    xsum = np.empty(xd.shape[0], np.int32)
+    xp = np.empty(xq.shape[0], np.int8)
+    _act_prep(xq, xp, xsum)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        fs = np.empty(16, np.float32)
+        end = min(rows, ch * _CHUNK + _CHUNK)
+        for r in range(ch * _CHUNK, end, 2):
+            r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
+            out[r], out[r1] = _rows_q8_0(data[r], data[r1], xd, xq, xp, xsum, fs)
+
+
+@njit(**_JIT)
+def matvec_q8act_q4_0(data, xd, xq, out):
+    """out[r] = row r of q4_0 ``data`` . (xd, xq) (q8_0 activations)."""
+    rows = data.shape[0]
+    xsum = np.empty(xd.shape[0], np.int32)
+    xp = np.empty(xq.shape[0], np.int8)
+    _act_prep(xq, xp, xsum)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        fs = np.empty(16, np.float32)
+        end = min(rows, ch * _CHUNK + _CHUNK)
+        for r in range(ch * _CHUNK, end, 2):
+            r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
+            out[r], out[r1] = _rows_q4_0(data[r], data[r1], xd, xq, xp, xsum, fs)
+
+
+@njit(**_JIT)
+def matvec_q8act_q5_0(data, xd, xq, out):
+    """out[r] = row r of q5_0 ``data`` . (xd, xq) (q8_0 activations)."""
+    rows = data.shape[0]
+    xsum = np.empty(xd.shape[0], np.int32)
+    xp = np.empty(xq.shape[0], np.int8)
+    _act_prep(xq, xp, xsum)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        fs = np.empty(16, np.float32)
+        end = min(rows, ch * _CHUNK + _CHUNK)
+        for r in range(ch * _CHUNK, end, 2):
+            r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
+            out[r], out[r1] = _rows_q5_0(data[r], data[r1], xd, xq, xp, xsum, fs)
+
+
+@njit(**_JIT)
+def matvec_q8act_q4_k(data, xd, xq, bsums, out):
+    """out[r] = row r of q4_k ``data`` . (xd, xq, bsums) (q8_K activations)."""
+    rows = data.shape[0]
+    x16 = xq.astype(np.int16)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        aux = np.empty(8, np.int32)
+        sums = np.empty(8, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _row_k4(data[r], xd, x16, bsums, aux, sums, 144, False)
+
+
+@njit(**_JIT)
+def matvec_q8act_q5_k(data, xd, xq, bsums, out):
+    """out[r] = row r of q5_k ``data`` . (xd, xq, bsums) (q8_K activations)."""
+    rows = data.shape[0]
+    x16 = xq.astype(np.int16)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        aux = np.empty(8, np.int32)
+        sums = np.empty(8, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _row_k4(data[r], xd, x16, bsums, aux, sums, 176, True)
+
+
+@njit(**_JIT)
+def matvec_q8act_q6_k(data, xd, xq, bsums, out):
+    """out[r] = row r of q6_k ``data`` . (xd, xq) (q8_K activations; bsums unused)."""
+    rows = data.shape[0]
+    x16 = xq.astype(np.int16)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        aux = np.empty(8, np.int32)
+        sums = np.empty(8, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _row_q6_k(data[r], xd, x16, aux, sums)
+
+
+MATVEC_Q8ACT = {
+    "q8_0": matvec_q8act_q8_0,
+    "q4_0": matvec_q8act_q4_0,
+    "q5_0": matvec_q8act_q5_0,
+    "q4_k": matvec_q8act_q4_k,
+    "q5_k": matvec_q8act_q5_k,
+    "q6_k": matvec_q8act_q6_k,
+}
+
+_Q8_0_QUANTIZERS = {"ref": quantize_q8_0_act, "x86": quantize_q8_0_act_x86}
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatcher
+# ----------------------------------------------------------------------------------------
+
+
+def quantize_act(kind: str, x, q8_0_variant: str = "ref") -> tuple:
+    """The activation ``x`` quantized to the format weights of ``kind`` multiply with:
+    ``(d, qs)`` for q8_0/q4_0/q5_0, ``(d, qs, bsums)`` for the k-quants."""
+    fmt = ACT_FORMAT.get(kind)
+    if fmt is None:
+        raise UnsupportedError(
+            f"no q8-activation kernel for kind {kind!r}; known: {', '.join(ACT_FORMAT)}"
+        )
+    if fmt == "q8_k":
+        return quantize_q8_k_act(x)
+    try:
+        quantizer = _Q8_0_QUANTIZERS[q8_0_variant]
+    except KeyError:
+        raise UnsupportedError(
+            f"unknown q8_0 activation quantizer {q8_0_variant!r}; known: ref, x86"
+        ) from None
+    return quantizer(x)
+
+
+def _readonly_act(act, kind):
+    fmt = ACT_FORMAT[kind]
+    want = (np.float32, np.int8) if fmt == "q8_0" else (np.float32, np.int8, np.int16)
+    if len(act) != len(want):
+        raise TensorShapeError(f"{kind} expects {fmt} activations with {len(want)} arrays")
+    return tuple(_q._readonly(a, dt) for a, dt in zip(act, want))
+
+
+def matvec_q8act(
+    kind: str,
+    data: np.ndarray,
+    x: np.ndarray,
+    out: np.ndarray | None = None,
+    act: tuple | None = None,
+    q8_0_variant: str = "ref",
+) -> np.ndarray:
+    """``out[r] = sum_c W[r, c] * x[c]`` the llama.cpp way: ``x`` is quantized once (to q8_0
+    or q8_K, see :data:`ACT_FORMAT`) and every block is an integer dot product.
+
+    ``q8_0_variant`` picks the q8_0 activation quantizer for q8_0/q4_0/q5_0 weights:
+    ``"ref"`` (ggml's reference, the default) or ``"x86"`` (what llama.cpp runs on AVX2
+    hosts). ``act`` may hold an already quantized ``x`` (from :func:`quantize_act`), e.g. to
+    share one quantization between q/k/v; ``x`` is then ignored (may be None). Returns
+    ``out`` (new if None). The kernels do not bounds-check; this function does.
+    """
+    if not supports(kind):
+        raise UnsupportedError(
+            f"no q8-activation kernel for kind {kind!r}; known: {', '.join(ACT_FORMAT)}"
+        )
+    data, cols = _q._qdata(kind, data)
+    if act is None:
+        x = np.asarray(x)
+        if x.shape != (cols,):
+            raise TensorShapeError(
+                f"matvec_q8act {kind}: x must have shape ({cols},), got {x.shape}"
+            )
+        act = quantize_act(kind, x, q8_0_variant)
+    act = _readonly_act(act, kind)
+    qk = QK8_0 if ACT_FORMAT[kind] == "q8_0" else QK_K
+    if (
+        act[1].shape != (cols,)
+        or act[0].shape != (cols // qk,)
+        or (len(act) == 3 and act[2].shape != (cols // 16,))
+    ):
+        raise TensorShapeError(
+            f"matvec_q8act {kind}: activations quantized for {act[1].shape[0]} columns, "
+            f"the weight has {cols}"
+        )
+    out = _q._out(out, (data.shape[0],), f"matvec_q8act {kind}")
+    MATVEC_Q8ACT[kind](data, *act, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# What the engine calls
+# ----------------------------------------------------------------------------------------
+
+# The q8_0 activation quantizer llama.cpp runs on x86 (AVX); see the module docstring.
+ENGINE_Q8_0_VARIANT = "x86"
+
+
+def dequantized_activations(kind: str, x: np.ndarray) -> np.ndarray:
+    """``x`` (``[..., n]``) after the round trip through ``kind``'s activation format.
+
+    ``W_deq @ dequantized_activations(kind, x)`` is, up to float32 rounding, what the
+    integer kernels compute, so the NumPy reference and batched prefill use it to follow
+    the decode kernels exactly.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    flat = x.reshape(-1)
+    if ACT_FORMAT[kind] == "q8_0":
+        fn = quantize_q8_0_act_x86_np if ENGINE_Q8_0_VARIANT == "x86" else quantize_q8_0_act_np
+        d, q = fn(flat)
+        out = q.reshape(-1, QK8_0).astype(np.float32) * d[:, None]
+    else:
+        d, q, _ = quantize_q8_k_act_np(flat)
+        out = q.reshape(-1, QK_K).astype(np.float32) * d[:, None]
+    return out.reshape(x.shape)
