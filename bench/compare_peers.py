@@ -76,11 +76,13 @@ def bf16_copy(hf: Path) -> Path:
     return out
 
 
-def torchless_run(path, threads, P, N, quantize=None) -> dict:
+def torchless_run(path, threads, P, N, quantize=None, act_quant=False) -> dict:
     cmd = [sys.executable, "-m", "torchless.cli", "bench", str(path), "--prompt-tokens", str(P),
            "--new-tokens", str(N), "--threads", str(threads), "--json"]
     if quantize:
         cmd += ["--quantize", quantize]
+    if act_quant:
+        cmd += ["--act-quant"]
     return run_json(cmd)
 
 
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
         "torchless bf16": lambda: torchless_run(bf16, T, P, N),
         "torchless q8_0": lambda: torchless_run(a.hf, T, P, N, "q8_0"),
         "torchless q4_0": lambda: torchless_run(a.hf, T, P, N, "q4_0"),
+        "torchless q8_0 act_quant": lambda: torchless_run(a.hf, T, P, N, "q8_0", True),
+        "torchless q4_0 act_quant": lambda: torchless_run(a.hf, T, P, N, "q4_0", True),
         "llama.cpp F32": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-f32.gguf", T, P, N),
         "llama.cpp F16": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-f16.gguf", T, P, N),
         "llama.cpp Q8_0": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-q8_0.gguf", T, P, N),
@@ -153,6 +157,8 @@ def main(argv=None) -> int:
                                  "results": best}, indent=2))
     pairs = [("torchless f32", "llama.cpp F32"), ("torchless bf16", "llama.cpp F16"),
              ("torchless q8_0", "llama.cpp Q8_0"), ("torchless q4_0", "llama.cpp Q4_K_M"),
+             ("torchless q8_0 act_quant", "llama.cpp Q8_0"),
+             ("torchless q4_0 act_quant", "llama.cpp Q4_K_M"),
              ("torchless f32", "transformers float32")]
     print("\n| engine | decode tok/s | prefill tok/s |\n|---|---|---|")
     for name, b in best.items():
