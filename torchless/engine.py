@@ -455,8 +455,10 @@ class _FastOps:
         if q.shape[0] >= BLAS_ATTENTION_MIN_T:
             return ko.attention_blas(q, k_cache, v_cache, P, scale, softcap, int(window), logn)
         out = np.empty_like(q)
-        ko.attention(q, k_cache, v_cache, P, np.float32(scale), np.float32(softcap),
-                     int(window), logn, out)
+        work = q.shape[0] * q.shape[1] * q.shape[2] * (P + q.shape[0])
+        kernel = ko.attention if work > 1 << 18 else ko.attention_serial
+        kernel(q, k_cache, v_cache, P, np.float32(scale), np.float32(softcap), int(window),
+               logn, out)
         return out
 
 

@@ -105,10 +105,11 @@ def test_attention(P, T, nkv, rep, D, window, softcap, seed):
     k = _rand(seed + 1, nkv, cap, D, scale=2.0)
     v = _rand(seed + 2, nkv, cap, D)
     logn = (1 + np.random.default_rng(seed).random(T)).astype(np.float32)
-    out = np.empty_like(q)
-    ko.attention(q, k, v, P, np.float32(0.3), np.float32(softcap), window, logn, out)
     expected = ref.attention(q, k[:, :S], v[:, :S], P, 0.3, softcap, window, logn)
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    for kernel in (ko.attention, ko.attention_serial):
+        out = np.empty_like(q)
+        kernel(q, k, v, P, np.float32(0.3), np.float32(softcap), window, logn, out)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
     blas = ko.attention_blas(q, k, v, P, 0.3, softcap, window, logn)
     np.testing.assert_allclose(blas, expected, rtol=1e-4, atol=1e-5)
 

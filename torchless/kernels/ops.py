@@ -113,6 +113,45 @@ def rope_rows_serial(x, cos, sin, rot):
         _rope_token(x, cos, sin, rot, t)
 
 
+@njit(cache=True)
+def _attend(q, k_cache, v_cache, start, scale, softcap, window, logn, out, t, h):
+    D = q.shape[2]
+    rep = q.shape[1] // k_cache.shape[0]
+    g = h // rep
+    i = start + t
+    lo = 0
+    if window > 0 and i - window + 1 > 0:
+        lo = i - window + 1
+    n = i + 1 - lo
+    scores = np.empty(n, dtype=np.float32)
+    qs = np.float32(scale) * logn[t]
+    m = np.float32(-np.inf)
+    for jj in range(n):
+        j = lo + jj
+        s = np.float32(0.0)
+        for d in range(D):
+            s += q[t, h, d] * k_cache[g, j, d]
+        s *= qs
+        if softcap > 0:
+            s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
+        scores[jj] = s
+        if s > m:
+            m = s
+    tot = np.float32(0.0)
+    for jj in range(n):
+        e = np.exp(scores[jj] - m)
+        scores[jj] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    for d in range(D):
+        out[t, h, d] = 0.0
+    for jj in range(n):
+        p = scores[jj] * inv
+        j = lo + jj
+        for d in range(D):
+            out[t, h, d] += p * v_cache[g, j, d]
+
+
 @njit(parallel=True, cache=True)
 def attention(q, k_cache, v_cache, start, scale, softcap, window, logn, out):
     """Causal attention of ``q [T, nH, D]`` (positions ``start .. start+T-1``) over the cache.
@@ -122,47 +161,19 @@ def attention(q, k_cache, v_cache, start, scale, softcap, window, logn, out):
     ``cap * tanh(s / cap)`` to the scores; ``logn [T]`` scales each query (Qwen-1; ones
     otherwise). Softmax in float32. Writes ``out [T, nH, D]``.
     """
-    T, nH, D = q.shape
-    nKV = k_cache.shape[0]
-    rep = nH // nKV
-    n_total = start + T
+    T, nH = q.shape[0], q.shape[1]
     for job in prange(T * nH):
-        t = job // nH
-        h = job % nH
-        g = h // rep
-        i = start + t
-        lo = 0
-        if window > 0 and i - window + 1 > 0:
-            lo = i - window + 1
-        n = i + 1 - lo
-        scores = np.empty(n, dtype=np.float32)
-        qs = np.float32(scale) * logn[t]
-        m = np.float32(-np.inf)
-        for jj in range(n):
-            j = lo + jj
-            s = np.float32(0.0)
-            for d in range(D):
-                s += q[t, h, d] * k_cache[g, j, d]
-            s *= qs
-            if softcap > 0:
-                s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
-            scores[jj] = s
-            if s > m:
-                m = s
-        tot = np.float32(0.0)
-        for jj in range(n):
-            e = np.exp(scores[jj] - m)
-            scores[jj] = e
-            tot += e
-        inv = np.float32(1.0) / tot
-        for d in range(D):
-            out[t, h, d] = 0.0
-        for jj in range(n):
-            p = scores[jj] * inv
-            j = lo + jj
-            for d in range(D):
-                out[t, h, d] += p * v_cache[g, j, d]
-    return n_total
+        _attend(q, k_cache, v_cache, start, scale, softcap, window, logn, out,
+                job // nH, job % nH)
+
+
+@njit(cache=True)
+def attention_serial(q, k_cache, v_cache, start, scale, softcap, window, logn, out):
+    """:func:`attention` without a parallel region (decode over a short context)."""
+    T, nH = q.shape[0], q.shape[1]
+    for job in range(T * nH):
+        _attend(q, k_cache, v_cache, start, scale, softcap, window, logn, out,
+                job // nH, job % nH)
 
 
 @njit(parallel=True, cache=True)
