@@ -113,7 +113,12 @@ def rope_rows_serial(x, cos, sin, rot):
         _rope_token(x, cos, sin, rot, t)
 
 
-@njit(cache=True)
+# Reassociation lets LLVM vectorise the dot products and the weighted sum over V; no
+# 'ninf'/'nnan' flags, since the masking logic relies on -inf.
+_ATTN_MATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(cache=True, fastmath=_ATTN_MATH)
 def _attend(q, k_cache, v_cache, start, scale, softcap, window, logn, out, t, h):
     D = q.shape[2]
     rep = q.shape[1] // k_cache.shape[0]
@@ -125,12 +130,13 @@ def _attend(q, k_cache, v_cache, start, scale, softcap, window, logn, out, t, h)
     n = i + 1 - lo
     scores = np.empty(n, dtype=np.float32)
     qs = np.float32(scale) * logn[t]
+    qv = q[t, h]
     m = np.float32(-np.inf)
     for jj in range(n):
-        j = lo + jj
+        kv = k_cache[g, lo + jj]
         s = np.float32(0.0)
         for d in range(D):
-            s += q[t, h, d] * k_cache[g, j, d]
+            s += qv[d] * kv[d]
         s *= qs
         if softcap > 0:
             s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
@@ -143,16 +149,17 @@ def _attend(q, k_cache, v_cache, start, scale, softcap, window, logn, out, t, h)
         scores[jj] = e
         tot += e
     inv = np.float32(1.0) / tot
-    for d in range(D):
-        out[t, h, d] = 0.0
+    acc = np.zeros(D, dtype=np.float32)
     for jj in range(n):
         p = scores[jj] * inv
-        j = lo + jj
+        vv = v_cache[g, lo + jj]
         for d in range(D):
-            out[t, h, d] += p * v_cache[g, j, d]
+            acc[d] += p * vv[d]
+    for d in range(D):
+        out[t, h, d] = acc[d]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_ATTN_MATH)
 def attention(q, k_cache, v_cache, start, scale, softcap, window, logn, out):
     """Causal attention of ``q [T, nH, D]`` (positions ``start .. start+T-1``) over the cache.
 
@@ -167,7 +174,7 @@ def attention(q, k_cache, v_cache, start, scale, softcap, window, logn, out):
                 job // nH, job % nH)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_ATTN_MATH)
 def attention_serial(q, k_cache, v_cache, start, scale, softcap, window, logn, out):
     """:func:`attention` without a parallel region (decode over a short context)."""
     T, nH = q.shape[0], q.shape[1]
