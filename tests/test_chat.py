@@ -50,3 +50,18 @@ def test_chat_loop(model, monkeypatch, capsys):
     assert chat_loop(model, Args()) == 0
     out = capsys.readouterr().out
     assert out.count("> ") >= 2
+
+
+def test_family_template_when_checkpoint_has_none():
+    m = torchless.ModelLoader.load_auto(FIXTURES / "gemma")
+    m.params.tokenizer_config.pop("chat_template", None)
+    ids = encode_chat(m, [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Hello"}])
+    text = m.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<bos><start_of_turn>user\nBe brief.\n\nHello<end_of_turn>")
+    assert text.endswith("<start_of_turn>model\n") and ids.count(2) == 1
+    q = torchless.ModelLoader.load_auto(FIXTURES / "qwen2_tied")
+    q.params.tokenizer_config.pop("chat_template", None)
+    text = q.tokenizer.decode(encode_chat(q, [{"role": "user", "content": "Hi"}]),
+                              skip_special_tokens=False)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

@@ -7,14 +7,17 @@ from .errors import TorchlessError
 
 
 def chat_template(model) -> str | None:
+    """The checkpoint's own template, else the one its architecture plugin declares."""
     params = model.params
-    if params is None:
-        return None
-    if params.format == "gguf":
-        return params.gguf.metadata.get("tokenizer.chat_template")
-    tpl = params.tokenizer_config.get("chat_template")
-    if isinstance(tpl, list):  # named templates: take the default one
-        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+    tpl = None
+    if params is not None and params.format == "gguf":
+        tpl = params.gguf.metadata.get("tokenizer.chat_template")
+    elif params is not None:
+        tpl = params.tokenizer_config.get("chat_template")
+        if isinstance(tpl, list):  # named templates: take the default one
+            tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+    if not tpl and model.spec is not None:
+        tpl = model.spec.chat_template
     return tpl
 
 
