@@ -6,6 +6,7 @@
     model.fast_forward(state, token)                                # state.logits: [vocab]
     model.generate("The capital of France is", max_new_tokens=16)  # -> new token ids
 """
+from . import threads as _threads  # noqa: F401  (first: sets OMP_WAIT_POLICY before Numba's pool)
 from .architecture import (
     ActivationType,
     ArchitectureConfig,

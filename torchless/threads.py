@@ -1,7 +1,12 @@
 """Thread count for the Numba kernels: ``TORCHLESS_NUM_THREADS`` or ``set_num_threads(n)``."""
 import os
 
-import numba
+# Numba's OpenMP workers spin after each kernel by default, taking the cores OpenBLAS needs
+# for prefill's matrix products. Passive waiting measured +40-55 % prefill and no decode
+# loss (BENCHMARKS.md). Set before Numba starts its thread pool; a user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
 
 
 def set_num_threads(n: int | None = None) -> int:
