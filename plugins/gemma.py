@@ -43,10 +43,6 @@ def _gemma_common(hf, defaults):
                 embed_scale=math.sqrt(hf.get("hidden_size", defaults["hidden_size"])))
 
 
-def _cap(hf, key, default):
-    return hf[key] if key in hf else default
-
-
 def gemma_config(hf):
     return make_config("gemma", "gemma", hf, GEMMA_DEFAULTS, **_gemma_common(hf, GEMMA_DEFAULTS))
 
@@ -60,8 +56,8 @@ def gemma2_config(hf):
     return make_config(
         "gemma", "gemma2", hf, d, **_gemma_common(hf, d), residual="sandwich",
         attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
-        attn_softcap=_cap(hf, "attn_logit_softcapping", 50.0),
-        final_softcap=_cap(hf, "final_logit_softcapping", 30.0),
+        attn_softcap=hf.get("attn_logit_softcapping", 50.0),
+        final_softcap=hf.get("final_logit_softcapping", 30.0),
         layer_windows=windows,
     )
 

@@ -10,7 +10,7 @@ DEFAULTS = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 
 def config_from_hf(hf):
     # A missing key means the class default 4096; an explicit null means no window.
-    window = hf["sliding_window"] if "sliding_window" in hf else 4096
+    window = hf.get("sliding_window", 4096)
     n = hf.get("num_hidden_layers", DEFAULTS["num_hidden_layers"])
     return make_config("mistral", "mistral", hf, DEFAULTS, layer_windows=[window] * n)
 

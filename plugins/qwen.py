@@ -42,7 +42,8 @@ def qwen1_config(hf):
     D = H // nH
     inter = get(hf, "intermediate_size", 22016, kind=int)
     if inter % 2:
-        raise ConfigError(f"Qwen-1 intermediate_size must be even (twice the MLP width), got {inter}")
+        raise ConfigError(
+            f"Qwen-1 intermediate_size must be even (twice the MLP width), got {inter}")
     seq_length = get(hf, "seq_length", 8192, kind=int)
     rot = int(get(hf, "kv_channels", D, kind=int) * float(hf.get("rotary_pct", 1.0)))
     theta = float(hf.get("rotary_emb_base", 10000))

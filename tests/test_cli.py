@@ -1,7 +1,6 @@
 """The torchless command."""
 import json
 
-import pytest
 
 import torchless
 from torchless.cli import main

@@ -43,6 +43,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _sig(x: float) -> float:
+    """Four significant digits (a tiny model's times must not round to zero)."""
+    return float(f"{x:.4g}")
+
+
 def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -108,8 +113,8 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         "weights": quantize or sorted({w.kind for L in model.layers for w in L.w.values()}),
         "threads": n_threads,
         "act_quant": model.act_quant,
-        "load_s": round(load_s, 3),
-        "first_token_s": round(first_token_s, 3),
+        "load_s": _sig(load_s),
+        "first_token_s": _sig(first_token_s),
         "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),
         "decode_tokens_per_s": round(decode_tps, 2),
         "peak_rss_mb": round(peak, 1),
@@ -117,6 +122,6 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         "bandwidth_gb_s": round(bw / 1e9, 2),
         "bytes_per_token_mb": round(per_token / 1e6, 2),
         "ceiling_tokens_per_s": round(bw / per_token, 2),
-        "ceiling_fraction": float(f"{decode_tps * per_token / bw:.4g}"),
+        "ceiling_fraction": _sig(decode_tps * per_token / bw),
         "pid": os.getpid(),
     }

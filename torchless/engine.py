@@ -12,7 +12,7 @@ import numpy as np
 
 from . import reference as ref
 from .config import ModelConfig
-from .errors import MissingTensorError, TensorShapeError, TokenError
+from .errors import TensorShapeError, TokenError
 from .kernels import matmul as km
 from .kernels import ops as ko
 from .state import InferenceState
@@ -135,7 +135,8 @@ class DecoderModel:
         self.embed = tensors["token_embd.weight"]
         self.output = tensors.get("output.weight") or self.embed
         self.output_bias = _f32(tensors.get("output.bias"))
-        self.final_norm = (_f32(tensors["output_norm.weight"]), _f32(tensors.get("output_norm.bias")))
+        self.final_norm = (_f32(tensors["output_norm.weight"]),
+                           _f32(tensors.get("output_norm.bias")))
         self.layers = []
         for i in range(cfg.num_layers):
             layer = Layer()

@@ -108,7 +108,8 @@ class SafetensorsFile:
         e = self.entries[name]
         if e.dtype not in DTYPES:
             raise UnsupportedError(
-                f"{self.path}: tensor {name!r} has dtype {e.dtype}; weights must be F32, F16 or BF16"
+                f"{self.path}: tensor {name!r} has dtype {e.dtype}; "
+                "weights must be F32, F16 or BF16"
             )
         kind, np_dtype, _ = DTYPES[e.dtype]
         if copy:

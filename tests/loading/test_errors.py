@@ -1,5 +1,4 @@
 """Bad input gets a TorchlessError that names the problem."""
-import json
 import os
 
 import numpy as np
