@@ -13,6 +13,7 @@ import numpy as np
 from . import reference as ref
 from .config import ModelConfig
 from .errors import TensorShapeError, TokenError
+from .kernels import decode as kd
 from .kernels import matmul as km
 from .kernels import ops as ko
 from .state import InferenceState
@@ -81,6 +82,7 @@ class DecoderModel:
         # An eager model owns its weights, so it may lay q/k/v (and gate/up) out as one
         # matrix: one kernel call instead of three. A lazy one keeps the file's layout.
         self._assemble(tensors, fuse=params is None or not params.lazy)
+        self._packed = None  # the per-layer arguments of the fused decode, made on first use
 
     # ---- the Model protocol ----------------------------------------------------------------
     @property
@@ -221,19 +223,83 @@ class DecoderModel:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self._embed_scale is not None:
             x *= self._embed_scale
-        for i, layer in enumerate(self.layers):
-            x = self._layer(ops, layer, i, x, state, P, tables[cfg.layer_rope[i]], logn)
-        if not all_logits:
-            x = x[-1:]
-        h = ops.norm(x, cfg.norm, self.final_norm[0], self.final_norm[1], cfg.norm_eps)
-        logits = ops.linear(h, self.output, self.output_bias)
-        if cfg.final_softcap:
-            c = np.float32(cfg.final_softcap)
-            logits = (c * np.tanh(logits / c)).astype(np.float32)
+        packed = self._decode_pack() if fast and T == 1 else None
+        if packed:
+            # decode: one compiled call per layer (kernels/decode.py), same math as _layer
+            xv = x[0].copy()
+            for i, args in enumerate(packed[0]):
+                cos, sin, _ = tables[cfg.layer_rope[i]]
+                kd.decode_layer(xv, *args, state.cache.k[i], state.cache.v[i], P, cos, sin,
+                                logn)
+            logits = np.empty((1, cfg.vocab_size), np.float32)
+            kd.decode_head(xv, *packed[1], logits[0])
+        else:
+            for i, layer in enumerate(self.layers):
+                x = self._layer(ops, layer, i, x, state, P, tables[cfg.layer_rope[i]], logn)
+            if not all_logits:
+                x = x[-1:]
+            h = ops.norm(x, cfg.norm, self.final_norm[0], self.final_norm[1], cfg.norm_eps)
+            logits = ops.linear(h, self.output, self.output_bias)
+            if cfg.final_softcap:
+                c = np.float32(cfg.final_softcap)
+                logits = (c * np.tanh(logits / c)).astype(np.float32)
         state.pos = P + T
         state.tokens.extend(int(t) for t in ids)
         state.logits = np.ascontiguousarray(logits[-1], dtype=np.float32)
         return logits if all_logits else state.logits
+
+    def _decode_pack(self):
+        """The arguments :func:`kernels.decode.decode_layer` takes for each layer, and those of
+        ``decode_head``; ``False`` when a layer holds a tensor the fused decode has no slot
+        for (such a model decodes through the per-op path)."""
+        if self._packed is not None:
+            return self._packed
+        cfg = self.config
+        icfg_common = {
+            kd.C_NORM: NORM_CODES[cfg.norm],
+            kd.C_QK_NORM: NORM_CODES[cfg.qk_norm] if cfg.qk_norm else -1,
+            kd.C_RESIDUAL: {"sequential": kd.RES_SEQUENTIAL, "parallel": kd.RES_PARALLEL,
+                            "sandwich": kd.RES_SANDWICH}[cfg.residual],
+            kd.C_MLP: kd.MLP_DENSE if cfg.mlp == "dense" else kd.MLP_GATED,
+            kd.C_ACT: ACT_CODES[cfg.activation],
+            kd.C_NH: cfg.num_heads, kd.C_NKV: cfg.num_kv_heads, kd.C_D: cfg.head_dim,
+            kd.C_ACT_QUANT: int(self.act_quant), kd.C_INTER: cfg.intermediate_size,
+        }
+        fcfg = kd.f32_vector([cfg.norm_eps, cfg.attn_scale, cfg.attn_softcap or 0.0])
+        layers = []
+        for i, layer in enumerate(self.layers):
+            kinds = np.full(7, kd.NONE, np.int64)
+            ws, bs = [kd.weight_bytes(None)[1]] * 7, [kd.f32_vector(None)] * 7
+            for name, w in layer.w.items():
+                slot = kd.FUSED_SLOTS.get(name)
+                if slot is None:
+                    if name not in kd.SLOT_NAMES:
+                        self._packed = False
+                        return False
+                    slot = kd.SLOT_NAMES.index(name)
+                kinds[slot], ws[slot] = kd.weight_bytes(w)
+                bs[slot] = kd.f32_vector(layer.b.get(name))
+            ns, nbs = [], []
+            for name in kd.NORM_SLOTS:
+                w = layer.n.get(name)
+                ns.append(kd.f32_vector(w))
+                nbs.append(kd.f32_vector(layer.b.get(name), None if w is None else len(w)))
+            icfg = np.zeros(kd.N_ICFG, np.int64)
+            for key, val in icfg_common.items():
+                icfg[key] = val
+            icfg[kd.C_WINDOW] = cfg.layer_windows[i] or 0
+            icfg[kd.C_ROT] = cfg.ropes[cfg.layer_rope[i]].rotary_dim
+            icfg[kd.C_QKV_FUSED] = "attn_qkv" in layer.w
+            icfg[kd.C_GU_FUSED] = "ffn_gate_up" in layer.w
+            layers.append((tuple(ws), kinds, tuple(bs), tuple(ns), tuple(nbs), icfg, fcfg))
+        kind, wb = kd.weight_bytes(self.output)
+        head = (kd.f32_vector(self.final_norm[0]),
+                kd.f32_vector(self.final_norm[1], len(self.final_norm[0])),
+                NORM_CODES[cfg.norm], np.float32(cfg.norm_eps), kind, wb,
+                kd.f32_vector(self.output_bias), np.float32(cfg.final_softcap or 0.0),
+                self.act_quant)
+        self._packed = (layers, head)
+        return self._packed
 
     def _layer(self, ops, layer: Layer, i: int, x, state, P, rope_table, logn):
         cfg = self.config

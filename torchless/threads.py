@@ -1,10 +1,14 @@
 """Thread count for the Numba kernels: ``TORCHLESS_NUM_THREADS`` or ``set_num_threads(n)``."""
 import os
 
-# Numba's OpenMP workers spin after each kernel by default, taking the cores OpenBLAS needs
-# for prefill's matrix products. Passive waiting measured +40-55 % prefill and no decode
-# loss (BENCHMARKS.md). Set before Numba starts its thread pool; a user's value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Numba's OpenMP workers spin after each kernel by default (libgomp: ~300k iterations),
+# taking the cores OpenBLAS needs for prefill's matrix products; fully passive waiting
+# (OMP_WAIT_POLICY=PASSIVE) instead costs decode a futex wake-up per kernel. A short spin
+# keeps the workers hot between a decode step's kernels and lets them sleep through a long
+# BLAS call (BENCHMARKS.md, "OpenMP waiting"). Set before Numba starts its thread pool; the
+# user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numba  # noqa: E402
 
