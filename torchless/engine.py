@@ -264,6 +264,7 @@ class DecoderModel:
             kd.C_ACT: ACT_CODES[cfg.activation],
             kd.C_NH: cfg.num_heads, kd.C_NKV: cfg.num_kv_heads, kd.C_D: cfg.head_dim,
             kd.C_ACT_QUANT: int(self.act_quant), kd.C_INTER: cfg.intermediate_size,
+            kd.C_PAR_ATTN: kd.PARALLEL_ATTENTION_WORK,
         }
         fcfg = kd.f32_vector([cfg.norm_eps, cfg.attn_scale, cfg.attn_softcap or 0.0])
         layers = []

@@ -34,14 +34,15 @@ NORM_SLOTS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm",
 
 # integer config: icfg[...]
 (C_NORM, C_QK_NORM, C_RESIDUAL, C_MLP, C_ACT, C_NH, C_NKV, C_D, C_WINDOW, C_ROT, C_ACT_QUANT,
- C_QKV_FUSED, C_GU_FUSED, C_INTER) = range(14)
-N_ICFG = 14
+ C_QKV_FUSED, C_GU_FUSED, C_INTER, C_PAR_ATTN) = range(15)
+N_ICFG = 15
 RES_SEQUENTIAL, RES_PARALLEL, RES_SANDWICH = 0, 1, 2
 MLP_GATED, MLP_DENSE = 0, 1
 # float config: fcfg[...]
 F_EPS, F_SCALE, F_SOFTCAP = range(3)
 
-PARALLEL_ATTENTION_WORK = 1 << 18  # heads * head_dim * context above which attention forks
+# heads * head_dim * context above which attention forks (icfg[C_PAR_ATTN])
+PARALLEL_ATTENTION_WORK = 1 << 18
 
 
 @njit(cache=True)
@@ -169,7 +170,7 @@ def decode_layer(x, ws, kinds, bs, ns, nbs, icfg, fcfg, kc, vc, pos, cos, sin, l
 
     a = np.empty((1, nH, D), np.float32)
     window = icfg[C_WINDOW]
-    if qd * (pos + 1) > PARALLEL_ATTENTION_WORK:
+    if qd * (pos + 1) > icfg[C_PAR_ATTN]:
         ko.attention(q, kc, vc, pos, fcfg[F_SCALE], fcfg[F_SOFTCAP], window, logn, a)
     else:
         ko.attention_serial(q, kc, vc, pos, fcfg[F_SCALE], fcfg[F_SOFTCAP], window, logn, a)
