@@ -9,30 +9,29 @@ quantizes the activation vector (once per product) to the weight's "vec_dot type
   consecutive quants) -- for ``q4_k``, ``q5_k`` and ``q6_k`` weights
   (:func:`quantize_q8_k_act`, ggml's ``quantize_row_q8_K_ref``),
 
-then takes integer dot products block by block (int32 accumulation) and scales them. The
-kernels here follow the float formula and summation order of ggml's portable C reference
-``ggml_vec_dot_<w>_<a>_generic``:
+then takes integer dot products block by block (int32 accumulation) and scales them.
 
 ==========  ===========================================================================
 weight      per block ``b`` of a row (``wd``/``wdmin`` the weight's half floats as float32,
-            ``xd`` the activation scale), summed into float32 in block order
+            ``xd`` the activation scale)
 ==========  ===========================================================================
-q8_0        ``sumf += float(isum) * (wd * xd)``
-q4_0        ``sumf += (float(isum) * wd) * xd``
-q5_0        ``sumf += (wd * xd) * float(isum)``
+q8_0, q4_0, the weight quants made signed (q4_0: ``q - 8``, q5_0: ``q - 16``); the block's
+q5_0        32 products summed into 8 int32 lanes (lane ``i``: elements ``4i .. 4i+3``);
+            ``acc = fma(float(lanes), wd * xd, acc)`` in 8 float32 lanes; at the end of the
+            row the lanes are summed in a fixed tree -- the order of llama.cpp's x86 kernels
 q4_k/q5_k   ``aux[l] = sum_s sc_s * dot_s`` over the elements ``e`` of the block with
             ``e % 8 == l`` (8 int32 lanes); ``sums[l] += (wd*xd) * float(aux[l])``;
             ``sumf -= (wdmin*xd) * float(sum_j bsums[j] * m_{j//2})``; at the end of the
-            row ``sumf += sums[0]; ...; sumf += sums[7]``
+            row ``sumf += sums[0]; ...; sumf += sums[7]`` -- ggml's generic C order
 q6_k        as q4_k without the min term (``sc`` are the signed int8 sub-block scales)
 ==========  ===========================================================================
 
-llama.cpp's SIMD builds compute the same integers but add the float terms in other orders
-(e.g. 8 float lanes with FMA), so results agree with a SIMD llama.cpp to float32 rounding,
-not bit for bit. One more difference worth knowing: on x86 with AVX/AVX2, llama.cpp does
-not use the *reference* q8_0 activation quantizer but ``quantize_row_q8_0`` from
-``arch/x86/quants.c``, which scales by ``127/amax`` (instead of ``1/d``) and rounds half to
-even (instead of half away from zero); :func:`quantize_q8_0_act_x86` is that variant and
+The integers are those of every llama.cpp build; the float terms of a SIMD llama.cpp are
+added in its own orders, so results agree with llama.cpp to float32 rounding, not bit for
+bit. One more difference worth knowing: on x86 with AVX/AVX2, llama.cpp does not use the
+*reference* q8_0 activation quantizer but ``quantize_row_q8_0`` from ``arch/x86/quants.c``,
+which scales by ``127/amax`` (instead of ``1/d``) and rounds half to even (instead of half
+away from zero); :func:`quantize_q8_0_act_x86` is that variant and
 ``matvec_q8act(..., q8_0_variant="x86")`` uses it. The q8_K quantizer is the reference one
 on every architecture.
 
@@ -44,11 +43,8 @@ environment variable ``TORCHLESS_Q8ACT_ISA=generic|avx2`` lowers the choice -- u
 ``NUMBA_CACHE_DIR`` then, the on-disk cache does not know the tier). The integers are exact
 and the float order fixed, so every tier gives the same bits. Details:
 
-* 32-element kinds: eight blocks per call, as four pairs whose 16-byte halves share one
-  32-byte vector (the activations are stored once per product in the matching order), then
-  a transposed reduction gives the eight block sums at once; q4_0 / q5_0 multiply the raw
-  unsigned quants and subtract 8 (16) times the block's activation sum. Two rows run side
-  by side so that their sequential float sums overlap.
+* 32-element kinds: one intrinsic runs a whole pair of rows (its own LLVM loop over the
+  blocks, one 8-lane accumulator per row), sharing each activation load between the rows.
 * k-quants: products in int16 (activations widened once per product), folded into the
   reference's eight lanes ``e % 8`` and scaled with ``vpmaddwd``; scales and the min term
   in scalar code.
@@ -491,35 +487,6 @@ def _interleave(builder, a, b):
     return _shuf(builder, a, b, [i // 2 + (n if i % 2 else 0) for i in range(2 * n)])
 
 
-def _transposed_sums(builder, vecs, g=8):
-    """Block sums from vectors of partial sums.
-
-    Each of the 1, 2, 4 or 8 vectors <8 x i32> holds ``8 // g`` consecutive blocks with
-    ``g`` partial sums each (lanes ``i*g .. i*g + g - 1`` belong to its block ``i``).
-    Returns <nblk x i32>, the blocks' sums in order. Pairs of vectors are combined by
-    adding two shuffles that each take half of the lanes of both, so 8 block sums cost a
-    handful of shuffles instead of 8 separate horizontal reductions.
-    """
-    nblk = len(vecs) * (8 // g)
-    cur = list(vecs)
-    while len(cur) > 1:
-        k = 8 // g  # blocks per vector
-        first = [off + i * g + j for off in (0, 8) for i in range(k) for j in range(g // 2)]
-        second = [f + g // 2 for f in first]
-        cur = [
-            builder.add(_shuf(builder, a, b, first), _shuf(builder, a, b, second))
-            for a, b in zip(cur[0::2], cur[1::2])
-        ]
-        g //= 2
-    v = cur[0]
-    while g > 1:
-        first = [i * g + j for i in range(nblk) for j in range(g // 2)]
-        second = [f + g // 2 for f in first]
-        v = builder.add(_shuf(builder, v, v, first), _shuf(builder, v, v, second))
-        g //= 2
-    return v
-
-
 def _is_array(t, dtype):
     return isinstance(t, types.Array) and t.ndim == 1 and t.dtype == dtype
 
@@ -542,27 +509,13 @@ def _bits16(builder, h, shift, mask, up=4):
     return builder.shl(builder.and_(v, _splat_const(_I16, n, mask)), _splat_const(_I16, n, up))
 
 
-# --- the 32-element blocks ---------------------------------------------------------------
-# Block dot products use the raw unsigned quants of q4_0 / q5_0 (0..15 / 0..31); 8 resp. 16
-# times the block's activation sum (``xsum``) is subtracted afterwards, which is exact.
-#
-# Eight blocks are done at a time, as four pairs. A pair's two 16-byte halves are combined
-# into 32-byte vectors [A[0:16], B[0:16]] and [A[16:32], B[16:32]] (for q4_0 / q5_0 the low
-# and the high nibbles), so no cross-lane shuffle is needed for the weights; the activations
-# are stored in the same pair order once per product (``xp``, see ``_pair_layout``).
+# --- the 32-element blocks: helpers for the row loops below ---------------------------
 
 
 def _lo_hi(builder, q):
     """Low and high nibbles (0..15) of a byte vector."""
     n = q.type.count
     return builder.and_(q, _splat_const(_I8, n, 15)), builder.lshr(q, _splat_const(_I8, n, 4))
-
-
-def _two(builder, p, off_a, off_b, n=16):
-    """<2n x i8>: n bytes at p + off_a followed by n bytes at p + off_b."""
-    a = _load(builder, _at(builder, p, off_a), _I8, n)
-    b = _load(builder, _at(builder, p, off_b), _I8, n)
-    return _shuf(builder, a, b, range(2 * n))
 
 
 def _q5_high(builder, qh8, sel):
@@ -574,105 +527,6 @@ def _q5_high(builder, qh8, sel):
     return builder.shl(builder.zext(bit, _vec(_I8, 32)), _splat_const(_I8, 32, 4))
 
 
-# a pair of blocks A (at p) and B (at p + bpb) with activations at px (pair layout):
-# one <8 x i32>, lanes 0-3 partial sums of A, lanes 4-7 of B
-
-
-def _pair_q8_0(builder, p, px, bpb):
-    acc = _dot4(builder, _two(builder, p, 2, bpb + 2), _load(builder, px, _I8, 32), True)
-    hi = _two(builder, p, 18, bpb + 18)
-    return _dot4(builder, hi, _load(builder, _at(builder, px, 32), _I8, 32), True, acc)
-
-
-def _pair_q4_0(builder, p, px, bpb):
-    lo, hi = _lo_hi(builder, _two(builder, p, 2, bpb + 2))
-    acc = _dot4(builder, lo, _load(builder, px, _I8, 32), False)
-    return _dot4(builder, hi, _load(builder, _at(builder, px, 32), _I8, 32), False, acc)
-
-
-def _pair_q5_0(builder, p, px, bpb):
-    lo, hi = _lo_hi(builder, _two(builder, p, 6, bpb + 6))
-    qh8 = _two(builder, p, 2, bpb + 2, 4)
-    first = [j // 8 for j in range(16)] + [4 + j // 8 for j in range(16)]
-    lo = builder.or_(lo, _q5_high(builder, qh8, first))
-    hi = builder.or_(hi, _q5_high(builder, qh8, [i + 2 for i in first]))
-    acc = _dot4(builder, lo, _load(builder, px, _I8, 32), False)
-    return _dot4(builder, hi, _load(builder, _at(builder, px, 32), _I8, 32), False, acc)
-
-
-# a single block (natural activation order): one <8 x i32> of partial sums
-
-
-def _one_q8_0(builder, p, px):
-    return _dot4(
-        builder, _load(builder, _at(builder, p, 2), _I8, 32), _load(builder, px, _I8, 32), True
-    )
-
-
-def _one_q4_0(builder, p, px):
-    lo, hi = _lo_hi(builder, _load(builder, _at(builder, p, 2), _I8, 16))
-    return _dot4(builder, _shuf(builder, lo, hi, range(32)), _load(builder, px, _I8, 32), False)
-
-
-def _one_q5_0(builder, p, px):
-    lo, hi = _lo_hi(builder, _load(builder, _at(builder, p, 6), _I8, 16))
-    qh = _load(builder, _at(builder, p, 2), _I8, 4)
-    qh8 = _shuf(builder, qh, qh, range(8))
-    w = builder.or_(
-        _shuf(builder, lo, hi, range(32)), _q5_high(builder, qh8, [j // 8 for j in range(32)])
-    )
-    return _dot4(builder, w, _load(builder, px, _I8, 32), False)
-
-
-def _make_fsums(pair, one, bpb, bias, nblk, name):
-    """An intrinsic ``f(u, o, x, xo, xsum, bo, out)``: for the ``nblk`` (8 or 1) blocks
-    starting at byte ``o`` of ``u`` (block index ``bo``), ``out[k] = float32(isum_k - bias *
-    xsum[bo + k])`` where ``isum_k`` is the integer dot product with the int8 activations
-    at ``x[xo:]`` (pair layout for 8 blocks, natural order for one)."""
-
-    def impl(typingctx, u, o, x, xo, xsum, bo, out):
-        if not (
-            isinstance(u, types.Array)
-            and u.ndim == 1
-            and u.dtype in (types.uint8, types.int8)
-            and _is_array(x, types.int8)
-            and _is_array(xsum, types.int32)
-            and _is_array(out, types.float32)
-            and _is_int(o, xo, bo)
-        ):
-            return None
-        sig = types.void(u, o, x, xo, xsum, bo, out)
-
-        def codegen(context, builder, sig, args):
-            p = _arg_ptr(context, builder, sig, args, 0)
-            px = _arg_ptr(context, builder, sig, args, 2)
-            if nblk == 1:
-                isum = _transposed_sums(builder, [one(builder, p, px)])
-            else:
-                vecs = [
-                    pair(builder, _at(builder, p, 2 * bpb * k), _at(builder, px, 64 * k), bpb)
-                    for k in range(nblk // 2)
-                ]
-                isum = _transposed_sums(builder, vecs, 4)
-            if bias:
-                xs = _load(builder, _arg_ptr(context, builder, sig, args, 4), _I32, nblk)
-                isum = builder.sub(isum, builder.mul(xs, _splat_const(_I32, nblk, bias)))
-            f = builder.sitofp(isum, _vec(ir.FloatType(), nblk))
-            _store(builder, _data_ptr(context, builder, sig, args, 6), f)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    impl.__name__ = impl.__qualname__ = name
-    return intrinsic(impl)
-
-
-_fsums8_q8_0 = _make_fsums(_pair_q8_0, _one_q8_0, 34, 0, 8, "_fsums8_q8_0")
-_fsums1_q8_0 = _make_fsums(_pair_q8_0, _one_q8_0, 34, 0, 1, "_fsums1_q8_0")
-_fsums8_q4_0 = _make_fsums(_pair_q4_0, _one_q4_0, 18, 8, 8, "_fsums8_q4_0")
-_fsums1_q4_0 = _make_fsums(_pair_q4_0, _one_q4_0, 18, 8, 1, "_fsums1_q4_0")
-_fsums8_q5_0 = _make_fsums(_pair_q5_0, _one_q5_0, 22, 16, 8, "_fsums8_q5_0")
-_fsums1_q5_0 = _make_fsums(_pair_q5_0, _one_q5_0, 22, 16, 1, "_fsums1_q5_0")
 
 
 # --- the 256-element k-quant blocks: 8 int32 lanes (element e -> lane e % 8) -------------
@@ -835,96 +689,6 @@ def _aux_q6_k(typingctx, u, o, x, xo, aux):
 
 
 @njit(inline="always", cache=True)
-def _act_prep(xq, xp, xsum):
-    """xsum[b]: sum of the activation quants of block b; xp: xq in pair layout (for each
-    pair of blocks A, B: A[0:16], B[0:16], A[16:32], B[16:32]; an odd last block as is)."""
-    nb = xsum.shape[0]
-    for b in range(nb):
-        s = 0
-        for j in range(32):
-            s += xq[32 * b + j]
-        xsum[b] = s
-    for pb in range(nb // 2):
-        o = 64 * pb
-        for j in range(16):
-            xp[o + j] = xq[o + j]
-            xp[o + 16 + j] = xq[o + 32 + j]
-            xp[o + 32 + j] = xq[o + 16 + j]
-            xp[o + 48 + j] = xq[o + 48 + j]
-    for j in range(64 * (nb // 2), 32 * nb):
-        xp[j] = xq[j]
-
-
-@njit(inline="always", cache=True)
-def _rows_q8_0(u0, u1, xd, xq, xp, xsum, fs):
-    nb = u0.shape[0] // 34
-    full = nb - nb % 8
-    s0 = _F32(0)
-    s1 = _F32(0)
-    for g in range(0, full, 8):
-        _fsums8_q8_0(u0, g * 34, xp, g * 32, xsum, g, fs[0:8])
-        _fsums8_q8_0(u1, g * 34, xp, g * 32, xsum, g, fs[8:16])
-        for k in range(8):
-            b = g + k
-            o = b * 34
-            s0 += fs[k] * (_h2f(u0[o], u0[o + 1]) * xd[b])
-            s1 += fs[8 + k] * (_h2f(u1[o], u1[o + 1]) * xd[b])
-    for b in range(full, nb):
-        o = b * 34
-        _fsums1_q8_0(u0, o, xq, b * 32, xsum, b, fs[0:1])
-        _fsums1_q8_0(u1, o, xq, b * 32, xsum, b, fs[8:9])
-        s0 += fs[0] * (_h2f(u0[o], u0[o + 1]) * xd[b])
-        s1 += fs[8] * (_h2f(u1[o], u1[o + 1]) * xd[b])
-    return s0, s1
-
-
-@njit(inline="always", cache=True)
-def _rows_q4_0(u0, u1, xd, xq, xp, xsum, fs):
-    nb = u0.shape[0] // 18
-    full = nb - nb % 8
-    s0 = _F32(0)
-    s1 = _F32(0)
-    for g in range(0, full, 8):
-        _fsums8_q4_0(u0, g * 18, xp, g * 32, xsum, g, fs[0:8])
-        _fsums8_q4_0(u1, g * 18, xp, g * 32, xsum, g, fs[8:16])
-        for k in range(8):
-            b = g + k
-            o = b * 18
-            s0 += (fs[k] * _h2f(u0[o], u0[o + 1])) * xd[b]
-            s1 += (fs[8 + k] * _h2f(u1[o], u1[o + 1])) * xd[b]
-    for b in range(full, nb):
-        o = b * 18
-        _fsums1_q4_0(u0, o, xq, b * 32, xsum, b, fs[0:1])
-        _fsums1_q4_0(u1, o, xq, b * 32, xsum, b, fs[8:9])
-        s0 += (fs[0] * _h2f(u0[o], u0[o + 1])) * xd[b]
-        s1 += (fs[8] * _h2f(u1[o], u1[o + 1])) * xd[b]
-    return s0, s1
-
-
-@njit(inline="always", cache=True)
-def _rows_q5_0(u0, u1, xd, xq, xp, xsum, fs):
-    nb = u0.shape[0] // 22
-    full = nb - nb % 8
-    s0 = _F32(0)
-    s1 = _F32(0)
-    for g in range(0, full, 8):
-        _fsums8_q5_0(u0, g * 22, xp, g * 32, xsum, g, fs[0:8])
-        _fsums8_q5_0(u1, g * 22, xp, g * 32, xsum, g, fs[8:16])
-        for k in range(8):
-            b = g + k
-            o = b * 22
-            s0 += (_h2f(u0[o], u0[o + 1]) * xd[b]) * fs[k]
-            s1 += (_h2f(u1[o], u1[o + 1]) * xd[b]) * fs[8 + k]
-    for b in range(full, nb):
-        o = b * 22
-        _fsums1_q5_0(u0, o, xq, b * 32, xsum, b, fs[0:1])
-        _fsums1_q5_0(u1, o, xq, b * 32, xsum, b, fs[8:9])
-        s0 += (_h2f(u0[o], u0[o + 1]) * xd[b]) * fs[0]
-        s1 += (_h2f(u1[o], u1[o + 1]) * xd[b]) * fs[8]
-    return s0, s1
-
-
-@njit(inline="always", cache=True)
 def _row_k4(u, xd, x16, bsums, aux, sums, bpb, with_high):
     for l in range(8):
         sums[l] = 0
@@ -962,6 +726,110 @@ def _row_q6_k(u, xd, x16, aux, sums):
 
 
 # ----------------------------------------------------------------------------------------
+# Row loops with 8-lane float accumulation (the order of llama.cpp's AVX2 kernels)
+# ----------------------------------------------------------------------------------------
+# The kernels above keep ggml's *generic* float order: one sequential float sum per row,
+# a scalar multiply-add per block. That chain, not memory, bounds them. llama.cpp's x86
+# kernels instead keep the block's 8 int32 lane sums as 8 floats and fuse them into an
+# 8-lane float accumulator, ``acc = fma(float(lanes), d_w * d_x, acc)``, summed across
+# lanes once per row. The loops below do that for two rows at a time, the whole row in one
+# intrinsic; the weights are made signed first (q4_0: q - 8, q5_0: q - 16) so no activation
+# sums are needed. Integers are exact and the float order is fixed, so every ISA tier gives
+# the same bits; against the generic order they differ by float32 rounding.
+
+
+def _signed_q8_0(builder, p):
+    return _load(builder, _at(builder, p, 2), _I8, 32)
+
+
+def _signed_q4_0(builder, p):
+    lo, hi = _lo_hi(builder, _load(builder, _at(builder, p, 2), _I8, 16))
+    return builder.sub(_shuf(builder, lo, hi, range(32)), _splat_const(_I8, 32, 8))
+
+
+def _signed_q5_0(builder, p):
+    lo, hi = _lo_hi(builder, _load(builder, _at(builder, p, 6), _I8, 16))
+    qh = _load(builder, _at(builder, p, 2), _I8, 4)
+    qh8 = _shuf(builder, qh, qh, range(8))
+    w = builder.or_(
+        _shuf(builder, lo, hi, range(32)), _q5_high(builder, qh8, [j // 8 for j in range(32)])
+    )
+    return builder.sub(w, _splat_const(_I8, 32, 16))
+
+
+def _hsum8(builder, v):
+    """Sum of a <8 x float> in a fixed tree order: (0+4, 1+5, 2+6, 3+7), then pairs."""
+    a = builder.fadd(_shuf(builder, v, v, range(4)), _shuf(builder, v, v, range(4, 8)))
+    b = builder.fadd(_shuf(builder, a, a, range(2)), _shuf(builder, a, a, range(2, 4)))
+    return builder.fadd(builder.extract_element(b, ir.Constant(_I32, 0)),
+                        builder.extract_element(b, ir.Constant(_I32, 1)))
+
+
+def _make_rows2(signed, bpb, name):
+    """An intrinsic ``f(u0, u1, x, xd, res)``: ``res[0], res[1]`` = the dot products of the
+    rows ``u0``, ``u1`` (bytes of ``bpb``-byte blocks) with the q8_0 activations ``(xd, x)``
+    in natural order."""
+
+    def impl(typingctx, u0, u1, x, xd, res):
+        if not (
+            isinstance(u0, types.Array) and u0.ndim == 1 and u0.dtype == types.uint8
+            and isinstance(u1, types.Array) and u1.ndim == 1 and u1.dtype == types.uint8
+            and _is_array(x, types.int8)
+            and _is_array(xd, types.float32)
+            and _is_array(res, types.float32)
+        ):
+            return None
+        sig = types.void(u0, u1, x, xd, res)
+
+        def codegen(context, builder, sig, args):
+            f32 = ir.FloatType()
+            v8f = _vec(f32, 8)
+            a0 = context.make_array(sig.args[0])(context, builder, value=args[0])
+            p0 = a0.data
+            p1 = _data_ptr(context, builder, sig, args, 1)
+            px = _data_ptr(context, builder, sig, args, 2)
+            pd = _data_ptr(context, builder, sig, args, 3)
+            nbytes = cgutils.unpack_tuple(builder, a0.shape)[0]
+            nb = builder.udiv(nbytes, ir.Constant(nbytes.type, bpb))
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]), "llvm.fma.v8f32")
+            acc0 = cgutils.alloca_once_value(builder, ir.Constant(v8f, None))
+            acc1 = cgutils.alloca_once_value(builder, ir.Constant(v8f, None))
+            builder.store(ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8), acc0)
+            builder.store(ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8), acc1)
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                off = builder.mul(b, ir.Constant(b.type, bpb))
+                xv = _load(builder, builder.gep(px, [builder.mul(b, ir.Constant(b.type, 32))]),
+                           _I8, 32)
+                xd_b = builder.load(builder.gep(pd, [b]))
+                for p, acc in ((p0, acc0), (p1, acc1)):
+                    pb = builder.gep(p, [off])
+                    lanes = _dot4(builder, signed(builder, pb), xv, True)
+                    h = builder.load(builder.bitcast(pb, ir.IntType(16).as_pointer()), align=1)
+                    dw = builder.fpext(builder.bitcast(h, ir.HalfType()), f32)
+                    sc = builder.fmul(dw, xd_b)
+                    scv = builder.insert_element(ir.Constant(v8f, None), sc, ir.Constant(_I32, 0))
+                    scv = _shuf(builder, scv, scv, [0] * 8)
+                    builder.store(builder.call(fma, [builder.sitofp(lanes, v8f), scv,
+                                                     builder.load(acc)]), acc)
+            pr = _data_ptr(context, builder, sig, args, 4)
+            builder.store(_hsum8(builder, builder.load(acc0)), pr)
+            builder.store(_hsum8(builder, builder.load(acc1)), _at(builder, pr, 1))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = name
+    return intrinsic(impl)
+
+
+_rows2_q8_0 = _make_rows2(_signed_q8_0, 34, "_rows2_q8_0")
+_rows2_q4_0 = _make_rows2(_signed_q4_0, 18, "_rows2_q4_0")
+_rows2_q5_0 = _make_rows2(_signed_q5_0, 22, "_rows2_q5_0")
+
+
+# ----------------------------------------------------------------------------------------
 # Parallel kernels (rows in chunks; per-chunk scratch)
 # ----------------------------------------------------------------------------------------
 
@@ -971,47 +839,44 @@ _CHUNK = 8  # rows per parallel work item (even: the 32-element kinds do row pai
 
 @njit(**_JIT)
 def matvec_q8act_q8_0(data, xd, xq, out):
-    """out[r] = row r of q8_0 ``data`` . (xd, xq) (q8_0 activations)."""
+    """out[r] = row r of q8_0 ``data`` . (xd, xq), 8-lane float accumulation."""
     rows = data.shape[0]
-    xsum = np.empty(xd.shape[0], np.int32)
-    xp = np.empty(xq.shape[0], np.int8)
-    _act_prep(xq, xp, xsum)
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        fs = np.empty(16, np.float32)
+        res = np.empty(2, np.float32)
         end = min(rows, ch * _CHUNK + _CHUNK)
         for r in range(ch * _CHUNK, end, 2):
-            r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
-            out[r], out[r1] = _rows_q8_0(data[r], data[r1], xd, xq, xp, xsum, fs)
+            r1 = min(r + 1, end - 1)
+            _rows2_q8_0(data[r], data[r1], xq, xd, res)
+            out[r] = res[0]
+            out[r1] = res[1]
 
 
 @njit(**_JIT)
 def matvec_q8act_q4_0(data, xd, xq, out):
-    """out[r] = row r of q4_0 ``data`` . (xd, xq) (q8_0 activations)."""
+    """out[r] = row r of q4_0 ``data`` . (xd, xq), 8-lane float accumulation."""
     rows = data.shape[0]
-    xsum = np.empty(xd.shape[0], np.int32)
-    xp = np.empty(xq.shape[0], np.int8)
-    _act_prep(xq, xp, xsum)
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        fs = np.empty(16, np.float32)
+        res = np.empty(2, np.float32)
         end = min(rows, ch * _CHUNK + _CHUNK)
         for r in range(ch * _CHUNK, end, 2):
-            r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
-            out[r], out[r1] = _rows_q4_0(data[r], data[r1], xd, xq, xp, xsum, fs)
+            r1 = min(r + 1, end - 1)
+            _rows2_q4_0(data[r], data[r1], xq, xd, res)
+            out[r] = res[0]
+            out[r1] = res[1]
 
 
 @njit(**_JIT)
 def matvec_q8act_q5_0(data, xd, xq, out):
-    """out[r] = row r of q5_0 ``data`` . (xd, xq) (q8_0 activations)."""
+    """out[r] = row r of q5_0 ``data`` . (xd, xq), 8-lane float accumulation."""
     rows = data.shape[0]
-    xsum = np.empty(xd.shape[0], np.int32)
-    xp = np.empty(xq.shape[0], np.int8)
-    _act_prep(xq, xp, xsum)
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        fs = np.empty(16, np.float32)
+        res = np.empty(2, np.float32)
         end = min(rows, ch * _CHUNK + _CHUNK)
         for r in range(ch * _CHUNK, end, 2):
-            r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
-            out[r], out[r1] = _rows_q5_0(data[r], data[r1], xd, xq, xp, xsum, fs)
+            r1 = min(r + 1, end - 1)
+            _rows2_q5_0(data[r], data[r1], xq, xd, res)
+            out[r] = res[0]
+            out[r1] = res[1]
 
 
 @njit(**_JIT)
