@@ -1050,6 +1050,23 @@ def matvec_q8act(
 ENGINE_Q8_0_VARIANT = "x86"
 
 
+@njit(parallel=True, cache=True)
+def _dequantized_act_rows(x, fmt_k, out):
+    """Each row of ``x [R, n]`` through the q8_0 (x86 quantizer; ``fmt_k`` False) or q8_K
+    activation format and back to float32, rows in parallel."""
+    R, n = x.shape
+    qk = 256 if fmt_k else 32
+    for r in prange(R):
+        d = np.empty(n // qk, np.float32)
+        q = np.empty(n, np.int8)
+        if fmt_k:
+            _q8_k_act_into(x[r], d, q, np.empty(n // 16, np.int16))
+        else:
+            _q8_0_act_x86_into(x[r], d, q)
+        for j in range(n):
+            out[r, j] = _F32(q[j]) * d[j // qk]
+
+
 def dequantized_activations(kind: str, x: np.ndarray) -> np.ndarray:
     """``x`` (``[..., n]``) after the round trip through ``kind``'s activation format.
 
@@ -1058,12 +1075,15 @@ def dequantized_activations(kind: str, x: np.ndarray) -> np.ndarray:
     the decode kernels exactly.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    flat = x.reshape(-1)
-    if ACT_FORMAT[kind] == "q8_0":
-        fn = quantize_q8_0_act_x86_np if ENGINE_Q8_0_VARIANT == "x86" else quantize_q8_0_act_np
-        d, q = fn(flat)
-        out = q.reshape(-1, QK8_0).astype(np.float32) * d[:, None]
-    else:
-        d, q, _ = quantize_q8_k_act_np(flat)
-        out = q.reshape(-1, QK_K).astype(np.float32) * d[:, None]
+    fmt_k = ACT_FORMAT[kind] != "q8_0"
+    n = x.shape[-1]
+    qk = QK_K if fmt_k else QK8_0
+    if x.size == 0 or n % qk:
+        raise TensorShapeError(f"{kind} activations need rows of a multiple of {qk}, got {n}")
+    if not fmt_k and ENGINE_Q8_0_VARIANT != "x86":
+        d, q = quantize_q8_0_act_np(x.reshape(-1))
+        return (q.reshape(-1, QK8_0).astype(np.float32) * d[:, None]).reshape(x.shape)
+    rows = x.reshape(-1, n)
+    out = np.empty_like(rows)
+    _dequantized_act_rows(rows, fmt_k, out)
     return out.reshape(x.shape)
