@@ -74,19 +74,22 @@ def test_teacher_forced_top1_agreement(model):
         assert logits[i, top1[i]] - logits[i, ref["top1"][i]] < 1.0
 
 
-def test_act_quant_follows_the_stable_recordings():
-    """llama.cpp's 8-bit activations: the kernels are exact (tests/kernels/test_quant_q8.py);
-    end to end, the stable recordings still come out token for token."""
+def test_act_quant_follows_llama_cpp():
+    """llama.cpp's 8-bit activations, with its x86 float order for the 32-element kinds:
+    four of the five recordings come out token for token (the three stable ones and "Once
+    upon a time"); "The capital of France is" leaves at step 11, where llama.cpp fed token
+    by token leaves its own batched recording too."""
     from torchless.demo import default_model_path
 
     m = torchless.ModelLoader.load_auto(default_model_path(), lazy=True, act_quant=True)
     ref = json.loads((DATA / "gemma3_270m_llamacpp_greedy.json").read_text())
     for case in ref["cases"]:
-        if case["prompt"] in AGREE_AT_LEAST:
-            continue
         new = m.generate(case["prompt_ids"], max_new_tokens=len(case["new_ids"]),
                          ignore_eos=True)
-        assert new == case["new_ids"], case["prompt"]
+        if case["prompt"] == "The capital of France is":
+            assert new[:11] == case["new_ids"][:11]
+        else:
+            assert new == case["new_ids"], case["prompt"]
 
 
 def test_reference_path_agrees_with_fast_path(model):
