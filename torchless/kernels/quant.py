@@ -55,6 +55,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..errors import TensorShapeError, UnsupportedError
+from .bits import PREFETCH_BYTES, prefetch
 
 QK = 32
 QK_K = 256
@@ -443,6 +444,7 @@ def _dot_q8_0(u, s, x, acc):
     acc[:] = 0
     for b in range(u.shape[0] // 34):
         o = b * 34
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         xb = b * 32
         for j in range(32):
@@ -455,6 +457,7 @@ def _dot_q4_0(u, s, x, acc):
     acc[:] = 0
     for b in range(u.shape[0] // 18):
         o = b * 18
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         xb = b * 32
         for j in range(16):
@@ -469,6 +472,7 @@ def _dot_q5_0(u, s, x, acc):
     acc[:] = 0
     for b in range(u.shape[0] // 22):
         o = b * 22
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         qh = _qh32(u, o + 2)
         xb = b * 32
@@ -486,6 +490,7 @@ def _dot_q4_k(u, s, x, acc):
     acc[:] = 0
     for b in range(u.shape[0] // 144):
         o = b * 144
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         dmin = _h2f(u[o + 2], u[o + 3])
         for i in range(4):
@@ -506,6 +511,7 @@ def _dot_q5_k(u, s, x, acc):
     acc[:] = 0
     for b in range(u.shape[0] // 176):
         o = b * 176
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         dmin = _h2f(u[o + 2], u[o + 3])
         for i in range(4):
@@ -529,6 +535,7 @@ def _dot_q6_k(u, s, x, acc):
     acc[:] = 0
     for b in range(u.shape[0] // 210):
         o = b * 210
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o + 208], u[o + 209])
         for h in range(2):
             qlo = o + 64 * h
@@ -562,6 +569,7 @@ def _dot_q6_k(u, s, x, acc):
 def _row_q8_0(u, s, dst):
     for b in range(u.shape[0] // 34):
         o = b * 34
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         for j in range(32):
             dst[b * 32 + j] = d * _F32(s[o + 2 + j])
@@ -571,6 +579,7 @@ def _row_q8_0(u, s, dst):
 def _row_q4_0(u, s, dst):
     for b in range(u.shape[0] // 18):
         o = b * 18
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         for j in range(16):
             v = u[o + 2 + j]
@@ -582,6 +591,7 @@ def _row_q4_0(u, s, dst):
 def _row_q5_0(u, s, dst):
     for b in range(u.shape[0] // 22):
         o = b * 22
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         qh = _qh32(u, o + 2)
         for j in range(16):
@@ -596,6 +606,7 @@ def _row_q5_0(u, s, dst):
 def _row_q4_k(u, s, dst):
     for b in range(u.shape[0] // 144):
         o = b * 144
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         dmin = _h2f(u[o + 2], u[o + 3])
         for i in range(4):
@@ -614,6 +625,7 @@ def _row_q4_k(u, s, dst):
 def _row_q5_k(u, s, dst):
     for b in range(u.shape[0] // 176):
         o = b * 176
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o], u[o + 1])
         dmin = _h2f(u[o + 2], u[o + 3])
         for i in range(4):
@@ -635,6 +647,7 @@ def _row_q5_k(u, s, dst):
 def _row_q6_k(u, s, dst):
     for b in range(u.shape[0] // 210):
         o = b * 210
+        prefetch(u, o + PREFETCH_BYTES)
         d = _h2f(u[o + 208], u[o + 209])
         for h in range(2):
             qlo = o + 64 * h

@@ -69,6 +69,7 @@ from numba.extending import intrinsic
 
 from ..errors import TensorShapeError, UnsupportedError
 from . import quant as _q
+from .bits import PREFETCH_BYTES, _prefetch_ir, prefetch
 from .quant import _h2f
 
 QK8_0 = 32
@@ -768,38 +769,6 @@ def _hsum8(builder, v):
                         builder.extract_element(b, ir.Constant(_I32, 1)))
 
 
-# Software prefetch distance: with two hyperthreads sharing a core, the hardware
-# prefetchers alone left a DRAM-sized q8_0 product at ~12-14 GB/s; prefetching 2 KiB ahead
-# of each row measured ~23 GB/s (262144 x 640, the Gemma 3 output matrix).
-PREFETCH_BYTES = 2048
-
-
-def _prefetch_ir(builder, ptr):
-    """llvm.prefetch (read, high locality) of the cache line holding ``ptr``."""
-    i8p = ir.IntType(8).as_pointer()
-    fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
-        "llvm.prefetch.p0i8")
-    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
-                      ir.Constant(_I32, 1)])
-
-
-@intrinsic
-def prefetch(typingctx, a, i):
-    """Prefetch the cache line of byte offset ``i`` past the start of array ``a``'s data
-    (a hint: an address past the end is harmless)."""
-    if not isinstance(a, types.Array) or not isinstance(i, types.Integer):
-        return None
-    sig = types.void(a, i)
-
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, value=args[0]).data
-        i8p = ir.IntType(8).as_pointer()
-        off = context.cast(builder, args[1], sig.args[1], types.intp)
-        _prefetch_ir(builder, builder.gep(builder.bitcast(data, i8p), [off]))
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 def _make_rows2(signed, bpb, name):
