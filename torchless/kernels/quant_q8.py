@@ -844,46 +844,41 @@ _JIT = {"parallel": True, "cache": True, "fastmath": False}
 _CHUNK = 8  # rows per parallel work item (even: the 32-element kinds do row pairs)
 
 
-@njit(**_JIT)
-def matvec_q8act_q8_0(data, xd, xq, out):
-    """out[r] = row r of q8_0 ``data`` . (xd, xq), 8-lane float accumulation."""
+@njit(inline="always", cache=True)
+def _matvec_rows2(data, xd, xq, out, kind):
+    """Row pairs of a 32-element kind (0 q8_0, 1 q4_0, 2 q5_0) in parallel chunks."""
     rows = data.shape[0]
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
         res = np.empty(2, np.float32)
         end = min(rows, ch * _CHUNK + _CHUNK)
         for r in range(ch * _CHUNK, end, 2):
-            r1 = min(r + 1, end - 1)
-            _rows2_q8_0(data[r], data[r1], xq, xd, res)
+            r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
+            if kind == 0:
+                _rows2_q8_0(data[r], data[r1], xq, xd, res)
+            elif kind == 1:
+                _rows2_q4_0(data[r], data[r1], xq, xd, res)
+            else:
+                _rows2_q5_0(data[r], data[r1], xq, xd, res)
             out[r] = res[0]
             out[r1] = res[1]
+
+
+@njit(**_JIT)
+def matvec_q8act_q8_0(data, xd, xq, out):
+    """out[r] = row r of q8_0 ``data`` . (xd, xq), 8-lane float accumulation."""
+    _matvec_rows2(data, xd, xq, out, 0)
 
 
 @njit(**_JIT)
 def matvec_q8act_q4_0(data, xd, xq, out):
     """out[r] = row r of q4_0 ``data`` . (xd, xq), 8-lane float accumulation."""
-    rows = data.shape[0]
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        res = np.empty(2, np.float32)
-        end = min(rows, ch * _CHUNK + _CHUNK)
-        for r in range(ch * _CHUNK, end, 2):
-            r1 = min(r + 1, end - 1)
-            _rows2_q4_0(data[r], data[r1], xq, xd, res)
-            out[r] = res[0]
-            out[r1] = res[1]
+    _matvec_rows2(data, xd, xq, out, 1)
 
 
 @njit(**_JIT)
 def matvec_q8act_q5_0(data, xd, xq, out):
     """out[r] = row r of q5_0 ``data`` . (xd, xq), 8-lane float accumulation."""
-    rows = data.shape[0]
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        res = np.empty(2, np.float32)
-        end = min(rows, ch * _CHUNK + _CHUNK)
-        for r in range(ch * _CHUNK, end, 2):
-            r1 = min(r + 1, end - 1)
-            _rows2_q5_0(data[r], data[r1], xq, xd, res)
-            out[r] = res[0]
-            out[r1] = res[1]
+    _matvec_rows2(data, xd, xq, out, 2)
 
 
 @njit(**_JIT)
