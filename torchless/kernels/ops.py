@@ -7,6 +7,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .bits import fast_exp, fast_tanh
+
 SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
 
 NORM_RMS, NORM_RMS1P, NORM_LAYER = 0, 1, 2
@@ -55,19 +57,24 @@ def norm_rows_serial(x, w, b, eps, kind, out):
         _norm_row(x[r], w, b, eps, kind, out[r])
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"contract"}, error_model="numpy")
 def _gated_row(gate, up, kind, out):
+    # one loop per kind, so that each vectorises (fast_exp / fast_tanh have no calls)
     n = gate.shape[0]
-    for i in range(n):
-        g = gate[i]
-        if kind == ACT_SILU:
-            a = g / (np.float32(1.0) + np.exp(-g))
-        elif kind == ACT_GELU_TANH:
-            a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(
-                SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g)))
-        else:
+    if kind == ACT_SILU:
+        for i in range(n):
+            g = gate[i]
+            out[i] = g / (np.float32(1.0) + fast_exp(-g)) * up[i]
+    elif kind == ACT_GELU_TANH:
+        for i in range(n):
+            g = gate[i]
+            t = fast_tanh(SQRT_2_OVER_PI * (g + np.float32(0.044715) * g * g * g))
+            out[i] = np.float32(0.5) * g * (np.float32(1.0) + t) * up[i]
+    else:
+        for i in range(n):
+            g = gate[i]
             a = np.float32(0.5) * g * (np.float32(1.0) + math.erf(g / np.float32(math.sqrt(2.0))))
-        out[i] = a * up[i]
+            out[i] = a * up[i]
 
 
 @njit(parallel=True, cache=True)
@@ -113,12 +120,47 @@ def rope_rows_serial(x, cos, sin, rot):
         _rope_token(x, cos, sin, rot, t)
 
 
-# Reassociation lets LLVM vectorise the dot products and the weighted sum over V; no
-# 'ninf'/'nnan' flags, since the masking logic relies on -inf.
+# Reassociation lets LLVM vectorise the dot products, the softmax sums and the weighted sum
+# over V. No 'ninf' flag: the maximum starts from real scores, but callers pass -inf masks.
 _ATTN_MATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
-@njit(cache=True, fastmath=_ATTN_MATH)
+@njit(cache=True, fastmath=_ATTN_MATH | {"nnan"})
+def _row_max(seg):
+    # four independent chains (a max reduction does not vectorise here)
+    n = seg.shape[0]
+    m0 = m1 = m2 = m3 = seg[0]
+    n4 = n // 4 * 4
+    for j in range(0, n4, 4):
+        m0 = max(m0, seg[j])
+        m1 = max(m1, seg[j + 1])
+        m2 = max(m2, seg[j + 2])
+        m3 = max(m3, seg[j + 3])
+    for j in range(n4, n):
+        m0 = max(m0, seg[j])
+    return max(max(m0, m1), max(m2, m3))
+
+
+@njit(cache=True, fastmath=_ATTN_MATH, error_model="numpy")
+def _softmax_inplace(seg, softcap):
+    """Soft-cap (when > 0) and softmax of a contiguous, non-empty score segment."""
+    n = seg.shape[0]
+    if softcap > 0:
+        c = np.float32(softcap)
+        for j in range(n):
+            seg[j] = c * fast_tanh(seg[j] / c)
+    m = _row_max(seg)
+    tot = np.float32(0.0)
+    for j in range(n):  # range(n) over a slice: LLVM sees non-negative unit-stride indices
+        e = fast_exp(seg[j] - m)
+        seg[j] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    for j in range(n):
+        seg[j] *= inv
+
+
+@njit(cache=True, fastmath=_ATTN_MATH, error_model="numpy")
 def _attend(q, k_cache, v_cache, start, scale, softcap, window, logn, out, t, h):
     D = q.shape[2]
     rep = q.shape[1] // k_cache.shape[0]
@@ -131,27 +173,16 @@ def _attend(q, k_cache, v_cache, start, scale, softcap, window, logn, out, t, h)
     scores = np.empty(n, dtype=np.float32)
     qs = np.float32(scale) * logn[t]
     qv = q[t, h]
-    m = np.float32(-np.inf)
     for jj in range(n):
         kv = k_cache[g, lo + jj]
         s = np.float32(0.0)
         for d in range(D):
             s += qv[d] * kv[d]
-        s *= qs
-        if softcap > 0:
-            s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
-        scores[jj] = s
-        if s > m:
-            m = s
-    tot = np.float32(0.0)
-    for jj in range(n):
-        e = np.exp(scores[jj] - m)
-        scores[jj] = e
-        tot += e
-    inv = np.float32(1.0) / tot
+        scores[jj] = s * qs
+    _softmax_inplace(scores, softcap)
     acc = np.zeros(D, dtype=np.float32)
     for jj in range(n):
-        p = scores[jj] * inv
+        p = scores[jj]
         vv = v_cache[g, lo + jj]
         for d in range(D):
             acc[d] += p * vv[d]
@@ -195,25 +226,10 @@ def masked_softmax_rows(s, start, window, softcap):
         lo = 0
         if window > 0 and i - window + 1 > 0:
             lo = i - window + 1
-        m = np.float32(-np.inf)
-        for j in range(lo, i + 1):
-            v = s[r, t, j]
-            if softcap > 0:
-                v = np.float32(softcap) * np.tanh(v / np.float32(softcap))
-                s[r, t, j] = v
-            if v > m:
-                m = v
-        tot = np.float32(0.0)
-        for j in range(lo, i + 1):
-            e = np.exp(s[r, t, j] - m)
-            s[r, t, j] = e
-            tot += e
-        inv = np.float32(1.0) / tot
-        for j in range(S):
-            if j < lo or j > i:
-                s[r, t, j] = 0.0
-            else:
-                s[r, t, j] *= inv
+        row = s[r, t]
+        _softmax_inplace(row[lo : i + 1], softcap)
+        row[:lo] = 0.0
+        row[i + 1 :] = 0.0
 
 
 def attention_blas(q, k_cache, v_cache, start, scale, softcap, window, logn):
