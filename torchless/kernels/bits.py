@@ -95,9 +95,10 @@ def fast_exp(x):
     """``exp(x)`` for float32 ``x`` within ~2 ulp, written without calls or branches so that
     LLVM vectorises loops around it (Numba's ``np.exp`` is a scalar libm call here).
 
-    ``x = n ln2 + r`` with ``|r| <= ln2 / 2``; ``e^r`` by its degree-6 Taylor-minimax polynomial
-    (Cephes' single-precision coefficients); ``2^n`` built in the exponent bits (as two factors, so that n = 128 does not overflow).
-    Results below float32's normal range are flushed to 0; NaN propagates.
+    ``x = n ln2 + r`` with ``|r| <= ln2 / 2``; ``e^r`` by a degree-6 minimax polynomial
+    (Cephes' single-precision coefficients); ``2^n`` built in the exponent bits, as two
+    factors so that n = 128 does not overflow. Results below float32's normal range are
+    flushed to 0; NaN propagates. Within 1 ulp (tests/kernels/test_fast_math.py).
     """
     xc = x if x <= _EXP_HI else _EXP_HI
     xc = xc if xc >= _EXP_LO else _EXP_LO
