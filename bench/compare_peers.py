@@ -12,6 +12,10 @@ weights converted with llama.cpp's ``convert_hf_to_gguf.py`` (``<name>-f32.gguf`
 is a llama-bench binary built for measurement only from the llama.cpp sources in PyPI's
 ``llama-cpp-python`` sdist. transformers comes from the ``reference`` extra.
 
+Decode is measured at two depths: after the ``--prompt-tokens`` prompt (torchless's
+``decode_tokens_per_s``; llama-bench ``-d P``) and from an empty cache (llama-bench's default
+``tg`` test; torchless's ``decode_depth0_tokens_per_s``), so each pair compares like with like.
+
 Every engine runs in its own process, engines alternate round by round (so drift in machine
 load affects all of them alike), and the best round of each is kept. The result is a JSON
 file and a Markdown table of tokens/s and ratios.
@@ -47,7 +51,16 @@ with torch.inference_mode():
         cache = out.past_key_values
         tok = out.logits[:, -1:].argmax(-1)
     dec = time.perf_counter() - t
-print(json.dumps({"prefill_tokens_per_s": P / pre, "decode_tokens_per_s": N / dec}))
+    out = m(ids[:, :1], use_cache=True); cache = out.past_key_values
+    tok = out.logits[:, -1:].argmax(-1)
+    t = time.perf_counter()
+    for _ in range(N):
+        out = m(tok, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+    dec0 = time.perf_counter() - t
+print(json.dumps({"prefill_tokens_per_s": P / pre, "decode_tokens_per_s": N / dec,
+                  "decode_depth0_tokens_per_s": N / dec0}))
 """
 
 
@@ -86,17 +99,20 @@ def torchless_run(path, threads, P, N, quantize=None, act_quant=False) -> dict:
 
 
 def llama_bench_run(binary, gguf, threads, P, N) -> dict:
-    res = subprocess.run([binary, "-m", str(gguf), "-t", str(threads), "-p", str(P), "-n",
-                          str(N), "-r", "3", "-o", "json"], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"llama-bench failed on {gguf}:\n{res.stderr[-2000:]}")
-    rows = json.loads(res.stdout)
+    """pp``P`` and tg``N`` from an empty cache (llama-bench's defaults), then tg``N`` at depth
+    ``P`` (``-d``), which is what torchless's and transformers' decode numbers measure."""
     out = {}
-    for r in rows:
-        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
-            out["prefill_tokens_per_s"] = r["avg_ts"]
-        elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
-            out["decode_tokens_per_s"] = r["avg_ts"]
+    for depth, args in ((0, ["-p", str(P), "-n", str(N)]), (P, ["-p", "0", "-n", str(N)])):
+        res = subprocess.run([binary, "-m", str(gguf), "-t", str(threads), *args, "-d",
+                              str(depth), "-r", "3", "-o", "json"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"llama-bench failed on {gguf}:\n{res.stderr[-2000:]}")
+        for r in json.loads(res.stdout):
+            if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
+                out["prefill_tokens_per_s"] = r["avg_ts"]
+            elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
+                key = "decode_tokens_per_s" if depth else "decode_depth0_tokens_per_s"
+                out[key] = r["avg_ts"]
     return out
 
 
@@ -145,7 +161,7 @@ def main(argv=None) -> int:
             res = fn()
             print(f"round {r} {name:24s} {json.dumps(res)} ({time.time() - t:.0f}s)", flush=True)
             b = best.setdefault(name, dict(res))
-            for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_depth0_tokens_per_s"):
                 if k in res:
                     b[k] = max(b.get(k, 0), res[k])
             for k in ("ceiling_fraction", "first_token_s", "peak_rss_mb", "bandwidth_gb_s"):
@@ -159,15 +175,16 @@ def main(argv=None) -> int:
              ("torchless q8_0 act_quant", "llama.cpp Q8_0"),
              ("torchless q4_0 act_quant", "llama.cpp Q4_K_M"),
              ("torchless f32", "transformers float32")]
-    print("\n| engine | decode tok/s | prefill tok/s |\n|---|---|---|")
+    keys = ("decode_tokens_per_s", "decode_depth0_tokens_per_s", "prefill_tokens_per_s")
+    print(f"\n| engine | decode tok/s at depth {P} | decode tok/s at depth 0 | prefill {P} tok/s |"
+          "\n|---|---|---|---|")
     for name, b in best.items():
-        print(f"| {name} | {b.get('decode_tokens_per_s', 0):.1f} | {b.get('prefill_tokens_per_s', 0):.0f} |")
-    print("\n| ratio | decode | prefill |\n|---|---|---|")
+        print(f"| {name} | " + " | ".join(f"{b.get(k, 0):.1f}" for k in keys) + " |")
+    print(f"\n| ratio | decode at depth {P} | decode at depth 0 | prefill |\n|---|---|---|---|")
     for x, y in pairs:
         if x in best and y in best:
-            d = best[x]["decode_tokens_per_s"] / best[y]["decode_tokens_per_s"]
-            p = best[x]["prefill_tokens_per_s"] / best[y]["prefill_tokens_per_s"]
-            print(f"| {x} / {y} | {d:.2f} | {p:.2f} |")
+            r = [best[x].get(k, 0) / best[y][k] if best[y].get(k) else float("nan") for k in keys]
+            print(f"| {x} / {y} | " + " | ".join(f"{v:.2f}" for v in r) + " |")
     return 0
 
 

@@ -81,5 +81,5 @@ def test_bench_json_keys(capsys):
                  "--new-tokens", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("load_s", "first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s",
-                "peak_rss_mb", "ceiling_fraction"):
+                "decode_depth0_tokens_per_s", "peak_rss_mb", "ceiling_fraction"):
         assert key in out and out[key] > 0

@@ -4,6 +4,10 @@ and decode speed as a fraction of this machine's memory-bandwidth ceiling.
 Decoding one token reads every weight once, so tokens/s can be at most
 ``bandwidth / bytes_read_per_token``; the bandwidth is measured here, by the same kind of
 Numba loop the kernels use, reading a buffer much larger than the caches.
+
+``decode_tokens_per_s`` decodes after the ``prompt_tokens`` prompt (attention then also reads
+that much KV cache per step); ``decode_depth0_tokens_per_s`` decodes from an empty cache, as
+llama-bench's ``tg`` test does by default.
 """
 from __future__ import annotations
 
@@ -64,6 +68,17 @@ def bytes_per_token(model) -> int:
     return total
 
 
+def _decode_time(model, state, tok: int, n: int) -> float:
+    """Seconds for ``n`` greedy decode steps after one untimed warm-up step."""
+    model.fast_forward(state, tok)
+    tok = int(np.argmax(state.logits))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        model.fast_forward(state, tok)
+        tok = int(np.argmax(state.logits))
+    return time.perf_counter() - t0
+
+
 def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
               threads: int | None = None, quantize: str | None = None, lazy: bool = False,
               bandwidth: float | None = None, act_quant: bool = False) -> dict:
@@ -95,13 +110,12 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
     logits = model.prefill(state, prompt)
     prefill_s = time.perf_counter() - t0
 
-    tok = int(np.argmax(logits))
-    model.fast_forward(state, tok)  # warm
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        model.fast_forward(state, tok)
-        tok = int(np.argmax(state.logits))
-    decode_s = time.perf_counter() - t0
+    decode_s = _decode_time(model, state, int(np.argmax(logits)), new_tokens)
+    # llama-bench's "tg" test decodes from an empty cache; the same here, so both depths
+    # can be compared like for like (attention reads the whole cache at every step)
+    state = model.new_state()
+    model.prefill(state, prompt[:1])
+    decode0_s = _decode_time(model, state, int(np.argmax(state.logits)), new_tokens)
 
     peak = peak_rss_mb()  # before the bandwidth probe allocates its buffer
     bw = bandwidth if bandwidth is not None else measure_bandwidth()
@@ -117,6 +131,7 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         "first_token_s": _sig(first_token_s),
         "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),
         "decode_tokens_per_s": round(decode_tps, 2),
+        "decode_depth0_tokens_per_s": round(new_tokens / decode0_s, 2),
         "peak_rss_mb": round(peak, 1),
         "rss_after_load_mb": round(rss_after_load, 1),
         "bandwidth_gb_s": round(bw / 1e9, 2),
