@@ -114,6 +114,27 @@ def test_attention(P, T, nkv, rep, D, window, softcap, seed):
     np.testing.assert_allclose(blas, expected, rtol=1e-4, atol=1e-5)
 
 
+@SETTINGS
+@given(P=st.integers(0, 12), T=st.integers(1, 14), nkv=st.integers(1, 2), rep=st.integers(1, 3),
+       window=st.integers(0, 6), block=st.integers(1, 5), softcap=st.sampled_from([0.0, 2.0]),
+       seed=st.integers(0, 10_000))
+def test_attention_blas_query_blocks(P, T, nkv, rep, window, block, softcap, seed):
+    # blocks of queries multiply only the keys in their reach; the result must not change
+    nH, D, S = nkv * rep, 8, P + T
+    q = _rand(seed, T, nH, D, scale=2.0)
+    k = _rand(seed + 1, nkv, S + 2, D, scale=2.0)
+    v = _rand(seed + 2, nkv, S + 2, D)
+    logn = np.ones(T, np.float32)
+    expected = ref.attention(q, k[:, :S], v[:, :S], P, 0.3, softcap, window, logn)
+    saved = ko.ATTENTION_BLOCK
+    try:
+        ko.ATTENTION_BLOCK = block
+        got = ko.attention_blas(q, k, v, P, 0.3, softcap, window, logn)
+    finally:
+        ko.ATTENTION_BLOCK = saved
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_window_sees_exactly_w_keys():
     # Query at position 9 with window 3 must see keys 7, 8, 9 only (ARCHITECTURES.md 2.7).
     D = 1
