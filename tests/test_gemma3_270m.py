@@ -38,26 +38,52 @@ def test_config(model):
     assert c.layer_rope[5] == "global" and c.layer_rope[0] == "local"
 
 
+@pytest.fixture(scope="module")
+def model_f32_act():
+    from torchless.demo import default_model_path
+
+    return torchless.ModelLoader.load_auto(default_model_path(), lazy=True, act_quant=False)
+
+
+def test_quantized_file_defaults_to_8bit_activations(model, model_f32_act):
+    assert model.act_quant and not model_f32_act.act_quant
+
+
 # llama.cpp's greedy text is not a fixed point of its own numerics: fed token by token
 # instead of in a batch, llama.cpp itself leaves these recordings at step 11 ("The capital
-# of France is") and step 5 ("Once upon a time"), where the top two logits are within 0.12
-# and 0.08 of each other. We follow the three stable recordings for all 32 tokens and the
-# other two up to the near-tie where we leave them (see the issue notes).
-AGREE_AT_LEAST = {"The capital of France is": 15, "Once upon a time": 4}
+# of France is") and step 5 ("Once upon a time"), where the top two logits are within 0.03
+# and 0.07 of each other; with flash attention on (its CLI default) it leaves "Once upon a
+# time" at step 4. Each check below states how far we follow each recording.
+def _agreement(m, ref):
+    out = {}
+    for case in ref["cases"]:
+        ids = m.encode(case["prompt"])
+        assert ids == case["prompt_ids"], case["prompt"]
+        new = m.generate(ids, max_new_tokens=len(case["new_ids"]), ignore_eos=True)
+        out[case["prompt"]] = next(
+            (i for i, (a, b) in enumerate(zip(new, case["new_ids"])) if a != b), len(new))
+    return out
 
 
 def test_greedy_matches_llama_cpp(model):
+    """The default (8-bit activations, llama.cpp's x86 float order for the 32-element
+    kinds): four recordings token for token; "The capital of France is" for 18 tokens,
+    leaving at a near-tie (llama.cpp's margin there: 0.12)."""
     ref = json.loads((DATA / "gemma3_270m_llamacpp_greedy.json").read_text())
-    full = 0
-    for case in ref["cases"]:
-        ids = model.encode(case["prompt"])
-        assert ids == case["prompt_ids"], case["prompt"]
-        new = model.generate(ids, max_new_tokens=len(case["new_ids"]), ignore_eos=True)
-        same = next((i for i, (a, b) in enumerate(zip(new, case["new_ids"])) if a != b), len(new))
-        need = AGREE_AT_LEAST.get(case["prompt"], len(case["new_ids"]))
-        assert same >= need, (case["prompt"], same, model.decode(new), case["text"])
-        full += same == len(case["new_ids"])
-    assert full >= 3
+    got = _agreement(model, ref)
+    need = {c["prompt"]: len(c["new_ids"]) for c in ref["cases"]}
+    need["The capital of France is"] = 18
+    assert all(got[p] >= n for p, n in need.items()), got
+
+
+def test_float_activations_follow_llama_cpp(model_f32_act):
+    """Float32 activations (``act_quant=False``): the three stable recordings token for
+    token, the other two up to their near-ties."""
+    ref = json.loads((DATA / "gemma3_270m_llamacpp_greedy.json").read_text())
+    got = _agreement(model_f32_act, ref)
+    need = {c["prompt"]: len(c["new_ids"]) for c in ref["cases"]}
+    need.update({"The capital of France is": 15, "Once upon a time": 4})
+    assert all(got[p] >= n for p, n in need.items()), got
 
 
 def test_teacher_forced_top1_agreement(model):
@@ -74,29 +100,30 @@ def test_teacher_forced_top1_agreement(model):
         assert logits[i, top1[i]] - logits[i, ref["top1"][i]] < 1.0
 
 
-def test_act_quant_follows_llama_cpp():
-    """llama.cpp's 8-bit activations, with its x86 float order for the 32-element kinds:
-    four of the five recordings come out token for token (the three stable ones and "Once
-    upon a time"); "The capital of France is" leaves at step 11, where llama.cpp fed token
-    by token leaves its own batched recording too."""
-    from torchless.demo import default_model_path
-
-    m = torchless.ModelLoader.load_auto(default_model_path(), lazy=True, act_quant=True)
-    ref = json.loads((DATA / "gemma3_270m_llamacpp_greedy.json").read_text())
-    for case in ref["cases"]:
-        new = m.generate(case["prompt_ids"], max_new_tokens=len(case["new_ids"]),
-                         ignore_eos=True)
-        if case["prompt"] == "The capital of France is":
-            assert new[:11] == case["new_ids"][:11]
-        else:
-            assert new == case["new_ids"], case["prompt"]
+def test_reference_path_agrees_with_fast_path(model_f32_act):
+    # with float32 activations the NumPy forward and the kernels differ by float rounding
+    m = model_f32_act
+    ids = m.encode("The capital of France is")
+    s1, s2 = m.new_state(), m.new_state()
+    for t in ids:
+        m.forward(s1, t)
+        m.fast_forward(s2, t)
+    scale = np.abs(s1.logits).max()
+    assert np.abs(s1.logits - s2.logits).max() <= 1e-4 * scale
 
 
-def test_reference_path_agrees_with_fast_path(model):
+def test_reference_path_follows_fast_path_with_8bit_activations(model, model_f32_act):
+    """With 8-bit activations both paths quantize the same way, but a float rounding
+    difference can move a value across a rounding boundary; the paths then differ by
+    activation-quantization noise: far less than either's distance to float activations
+    would allow to hide a formula error, and the same top token."""
     ids = model.encode("The capital of France is")
-    s1, s2 = model.new_state(), model.new_state()
+    s1, s2, s3 = model.new_state(), model.new_state(), model_f32_act.new_state()
     for t in ids:
         model.forward(s1, t)
         model.fast_forward(s2, t)
-    scale = np.abs(s1.logits).max()
-    assert np.abs(s1.logits - s2.logits).max() <= 1e-4 * scale
+        model_f32_act.fast_forward(s3, t)
+    scale = np.abs(s3.logits).max()
+    assert np.abs(s1.logits - s2.logits).max() <= 0.08 * scale
+    assert np.abs(s2.logits - s3.logits).max() <= 0.15 * scale
+    assert s1.logits.argmax() == s2.logits.argmax() == s3.logits.argmax()

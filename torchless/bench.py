@@ -81,7 +81,7 @@ def _decode_time(model, state, tok: int, n: int) -> float:
 
 def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
               threads: int | None = None, quantize: str | None = None, lazy: bool = False,
-              bandwidth: float | None = None, act_quant: bool = False) -> dict:
+              bandwidth: float | None = None, act_quant: bool | None = None) -> dict:
     from .loader import ModelLoader
     from .threads import set_num_threads
 
@@ -92,7 +92,7 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         model_path = default_model_path()
     t0 = time.perf_counter()
     model = ModelLoader.load_auto(model_path, lazy=lazy, quantize=quantize,
-                                  act_quant=act_quant or None)
+                                  act_quant=act_quant)
     load_s = time.perf_counter() - t0
     rss_after_load = current_rss_mb()
     V = model.config.vocab_size

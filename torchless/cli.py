@@ -8,7 +8,7 @@ import sys
 from .errors import TorchlessError
 
 
-def _load(path, lazy=False, quantize=None, act_quant=False):
+def _load(path, lazy=False, quantize=None, act_quant=None):
     from .loader import ModelLoader
 
     if path is None:
@@ -16,7 +16,7 @@ def _load(path, lazy=False, quantize=None, act_quant=False):
 
         path = default_model_path()
     return ModelLoader.load_auto(path, lazy=lazy, quantize=quantize,
-                                 act_quant=act_quant or None)
+                                 act_quant=act_quant)
 
 
 def _sampling_args(p):
@@ -30,8 +30,9 @@ def _sampling_args(p):
     p.add_argument("--lazy", action="store_true", help="memory-map the weights")
     p.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--act-quant", action="store_true",
-                   help="8-bit activations for quantized weights (llama.cpp's way; faster)")
+    p.add_argument("--act-quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="8-bit activations for quantized weights (llama.cpp's way; the "
+                        "default for quantized weights)")
 
 
 def cmd_generate(args) -> int:
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None)
     b.add_argument("--lazy", action="store_true")
-    b.add_argument("--act-quant", action="store_true")
+    b.add_argument("--act-quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="8-bit activations for quantized weights (default: on for them)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

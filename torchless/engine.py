@@ -8,6 +8,8 @@ projections), so the loop below has no family names in it.
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from . import reference as ref
@@ -73,8 +75,6 @@ class DecoderModel:
 
     def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, spec=None,
                  params=None, act_quant: bool | None = None):
-        #: quantized weights meet 8-bit activations (llama.cpp's way; see kernels.matmul)
-        self.act_quant = km.ACT_QUANT_DEFAULT if act_quant is None else bool(act_quant)
         self.config = config
         self.spec = spec
         self.params = params
@@ -82,6 +82,11 @@ class DecoderModel:
         # An eager model owns its weights, so it may lay q/k/v (and gate/up) out as one
         # matrix: one kernel call instead of three. A lazy one keeps the file's layout.
         self._assemble(tensors, fuse=params is None or not params.lazy)
+        #: quantized weights meet 8-bit activations (llama.cpp's way; see kernels.matmul).
+        #: Default: on when the model holds block-quantized weights.
+        quantized = km.quant_q8.supports(self.output.kind) or any(
+            km.quant_q8.supports(w.kind) for layer in self.layers for w in layer.w.values())
+        self.act_quant = km.act_quant_default(quantized) if act_quant is None else bool(act_quant)
         self._packed = None  # the per-layer arguments of the fused decode, made on first use
 
     # ---- the Model protocol ----------------------------------------------------------------
@@ -475,9 +480,20 @@ class _FastOps:
 
     def __init__(self, act_quant: bool = False):
         self.act_quant = act_quant
+        self._memo = (None, None, None)  # (weakref to x, activation format, round trip)
 
     def linear(self, x, w, b):
-        out = km.matmul(w, np.ascontiguousarray(x, dtype=np.float32), act_quant=self.act_quant)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.act_quant and x.shape[0] > 1 and km.quant_q8.supports(w.kind):
+            # batched: the activations' 8-bit round trip, once per input (q, k and v share it)
+            fmt = km.quant_q8.ACT_FORMAT[w.kind] != "q8_0"
+            ref_x, memo_fmt, deq = self._memo
+            if ref_x is None or ref_x() is not x or memo_fmt != fmt:
+                deq = km.quant_q8.dequantized_activations(w.kind, x)
+                self._memo = (weakref.ref(x), fmt, deq)
+            out = km.matmul(w, deq)
+        else:
+            out = km.matmul(w, x, act_quant=self.act_quant)
         if b is not None:
             out += b
         return out

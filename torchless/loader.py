@@ -136,7 +136,8 @@ class ModelLoader:
         ``lazy`` memory-maps the weights; ``quantize`` ("q8_0", "q4_0") converts them on
         load; ``threads`` sets the kernel thread count (default: TORCHLESS_NUM_THREADS or
         every core); ``act_quant`` makes quantized weights meet 8-bit activations as
-        llama.cpp does (faster; default off, or TORCHLESS_ACT_QUANT=1).
+        llama.cpp does (faster); by default it is on when the weights are block-quantized
+        (GGUF or ``quantize=``), unless TORCHLESS_ACT_QUANT=0.
         """
         _threads(threads)
         params = Parameters.load(path, lazy=lazy)

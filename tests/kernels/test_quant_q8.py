@@ -495,6 +495,10 @@ def test_dequantized_activations_equal_the_numpy_quantizers(kind, rows, nblocks,
     x = (rng.standard_normal((rows, nblocks * qk)) * rng.uniform(0.01, 10)).astype(np.float32)
     if rng.random() < 0.3:
         x[0, :qk] = 0
+    if rng.random() < 0.5:  # largest magnitude twice, opposite signs: the first one decides
+        big = np.float32(np.abs(x[-1, -qk:]).max() + 1)
+        i, j = sorted(rng.choice(qk, 2, replace=False))
+        x[-1, -qk + i], x[-1, -qk + j] = (big, -big) if rng.random() < 0.5 else (-big, big)
     if kind == "q8_0":
         d, q = Q8.quantize_q8_0_act_x86_np(x.reshape(-1))
     else:

@@ -20,9 +20,18 @@ from .bits import bf16_to_f32, f16_to_f32
 
 # With act_quant, quantized weights meet 8-bit quantized activations, as in llama.cpp:
 # integer dot products, about twice as fast, at the cost of activation rounding noise.
-# The default (float32 activations) keeps every path equal to the NumPy reference to
-# float32 rounding. TORCHLESS_ACT_QUANT=1 turns it on by default.
-ACT_QUANT_DEFAULT = os.environ.get("TORCHLESS_ACT_QUANT", "0") == "1"
+# Models choose it by default when they hold block-quantized weights (DecoderModel); with
+# float32 activations every path equals the NumPy reference to float32 rounding.
+# TORCHLESS_ACT_QUANT=0 or 1 overrides the default.
+
+
+def act_quant_default(quantized: bool) -> bool:
+    """The ``act_quant`` a model gets when none is asked for: on for block-quantized
+    weights (llama.cpp's behaviour), unless ``TORCHLESS_ACT_QUANT`` says otherwise."""
+    env = os.environ.get("TORCHLESS_ACT_QUANT", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return quantized
 
 
 # Four rows per step, each x load feeding four rows, in one LLVM loop per row group:

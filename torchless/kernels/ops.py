@@ -15,6 +15,8 @@ NORM_RMS, NORM_RMS1P, NORM_LAYER = 0, 1, 2
 ACT_SILU, ACT_GELU_TANH, ACT_GELU = 0, 1, 2
 
 
+# One float32 chain per sum, in element order (a fixed, simple order; vectorising it changes
+# greedy text at llama.cpp's near-ties, see tests/test_gemma3_270m.py).
 @njit(cache=True)
 def _norm_row(x, w, b, eps, kind, out):
     n = x.shape[0]
