@@ -39,26 +39,21 @@ m.eval()
 V = m.config.vocab_size
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(0, V, (1, P), generator=g)
+def decode(out, n):
+    cache = out.past_key_values
+    tok = out.logits[:, -1:].argmax(-1)
+    out = m(tok, past_key_values=cache, use_cache=True)  # warm
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t = time.perf_counter()
+    for _ in range(n):
+        out = m(tok, past_key_values=cache, use_cache=True)
+        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t
 with torch.inference_mode():
     m(ids[:, :16])
     t = time.perf_counter(); out = m(ids, use_cache=True); pre = time.perf_counter() - t
-    cache = out.past_key_values
-    tok = out.logits[:, -1:].argmax(-1)
-    out = m(tok, past_key_values=cache, use_cache=True); cache = out.past_key_values
-    t = time.perf_counter()
-    for _ in range(N):
-        out = m(tok, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        tok = out.logits[:, -1:].argmax(-1)
-    dec = time.perf_counter() - t
-    out = m(ids[:, :1], use_cache=True); cache = out.past_key_values
-    tok = out.logits[:, -1:].argmax(-1)
-    t = time.perf_counter()
-    for _ in range(N):
-        out = m(tok, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        tok = out.logits[:, -1:].argmax(-1)
-    dec0 = time.perf_counter() - t
+    dec = decode(out, N)
+    dec0 = decode(m(ids[:, :1], use_cache=True), N)
 print(json.dumps({"prefill_tokens_per_s": P / pre, "decode_tokens_per_s": N / dec,
                   "decode_depth0_tokens_per_s": N / dec0}))
 """
@@ -88,13 +83,15 @@ def bf16_copy(hf: Path) -> Path:
     return out
 
 
-def torchless_run(path, threads, P, N, quantize=None, act_quant=False) -> dict:
+def torchless_run(path, threads, P, N, quantize=None, act_quant=None) -> dict:
+    """``torchless bench`` in a fresh process; ``act_quant`` None keeps its default (8-bit
+    activations for quantized weights), False asks for float32 activations."""
     cmd = [sys.executable, "-m", "torchless.cli", "bench", str(path), "--prompt-tokens", str(P),
            "--new-tokens", str(N), "--threads", str(threads), "--json"]
     if quantize:
         cmd += ["--quantize", quantize]
-    if act_quant:
-        cmd += ["--act-quant"]
+    if act_quant is not None:
+        cmd += ["--act-quant" if act_quant else "--no-act-quant"]
     return run_json(cmd)
 
 
@@ -142,8 +139,8 @@ def main(argv=None) -> int:
         "torchless bf16": lambda: torchless_run(bf16, T, P, N),
         "torchless q8_0": lambda: torchless_run(a.hf, T, P, N, "q8_0"),
         "torchless q4_0": lambda: torchless_run(a.hf, T, P, N, "q4_0"),
-        "torchless q8_0 act_quant": lambda: torchless_run(a.hf, T, P, N, "q8_0", True),
-        "torchless q4_0 act_quant": lambda: torchless_run(a.hf, T, P, N, "q4_0", True),
+        "torchless q8_0 float-act": lambda: torchless_run(a.hf, T, P, N, "q8_0", False),
+        "torchless q4_0 float-act": lambda: torchless_run(a.hf, T, P, N, "q4_0", False),
         "llama.cpp F32": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-f32.gguf", T, P, N),
         "llama.cpp F16": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-f16.gguf", T, P, N),
         "llama.cpp Q8_0": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-q8_0.gguf", T, P, N),
@@ -172,8 +169,8 @@ def main(argv=None) -> int:
                                  "results": best}, indent=2))
     pairs = [("torchless f32", "llama.cpp F32"), ("torchless bf16", "llama.cpp F16"),
              ("torchless q8_0", "llama.cpp Q8_0"), ("torchless q4_0", "llama.cpp Q4_K_M"),
-             ("torchless q8_0 act_quant", "llama.cpp Q8_0"),
-             ("torchless q4_0 act_quant", "llama.cpp Q4_K_M"),
+             ("torchless q8_0 float-act", "llama.cpp Q8_0"),
+             ("torchless q4_0 float-act", "llama.cpp Q4_K_M"),
              ("torchless f32", "transformers float32")]
     keys = ("decode_tokens_per_s", "decode_depth0_tokens_per_s", "prefill_tokens_per_s")
     print(f"\n| engine | decode tok/s at depth {P} | decode tok/s at depth 0 | prefill {P} tok/s |"

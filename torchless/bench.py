@@ -81,7 +81,8 @@ def _decode_time(model, state, tok: int, n: int) -> float:
 
 def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
               threads: int | None = None, quantize: str | None = None, lazy: bool = False,
-              bandwidth: float | None = None, act_quant: bool | None = None) -> dict:
+              bandwidth: float | None = None, act_quant: bool | None = None,
+              prefill_repeats: int = 3) -> dict:
     from .loader import ModelLoader
     from .threads import set_num_threads
 
@@ -105,10 +106,14 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
     model.prefill(state, prompt[:20])
     first_token_s = time.perf_counter() - t0
 
-    state = model.new_state()
-    t0 = time.perf_counter()
-    logits = model.prefill(state, prompt)
-    prefill_s = time.perf_counter() - t0
+    # prefill: one untimed pass, then the mean of ``prefill_repeats`` (as llama-bench does)
+    times = []
+    for _ in range(1 + prefill_repeats):
+        state = model.new_state()
+        t0 = time.perf_counter()
+        logits = model.prefill(state, prompt)
+        times.append(time.perf_counter() - t0)
+    prefill_s = float(np.mean(times[1:]))
 
     decode_s = _decode_time(model, state, int(np.argmax(logits)), new_tokens)
     # llama-bench's "tg" test decodes from an empty cache; the same here, so both depths

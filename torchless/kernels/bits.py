@@ -73,16 +73,6 @@ def prefetch(typingctx, a, i):
     return sig, codegen
 
 
-@intrinsic
-def _i32_as_f32(typingctx, v):
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split so that n * _LN2_HI is exact for |n| < 2^8
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -113,8 +103,8 @@ def fast_exp(x):
     y = p * r * r + r + np.float32(1.0)
     ni = np.int32(n)
     half = ni >> np.int32(1)  # 2^n in two factors: n reaches 128 just below the overflow
-    y = y * _i32_as_f32((half + np.int32(127)) << np.int32(23))
-    y = y * _i32_as_f32((ni - half + np.int32(127)) << np.int32(23))
+    y = y * _u32_as_f32(np.uint32(half + np.int32(127)) << np.uint32(23))
+    y = y * _u32_as_f32(np.uint32(ni - half + np.int32(127)) << np.uint32(23))
     y = y if x <= _EXP_HI else np.float32(np.inf)
     y = y if x >= _EXP_LO else np.float32(0.0)
     return y if x == x else x
