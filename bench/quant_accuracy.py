@@ -6,7 +6,8 @@
 MODEL defaults to the Gemma 3 270M GGUF. Its stored weights are first widened to float32
 (the baseline); then the same float32 weights are quantized to q8_0 and q4_0 on load. Over a
 teacher-forced English passage (tests/data/gemma3_270m_llamacpp_teacher.npz ids) we report
-the max and mean absolute logit error relative to the logit scale, and top-1 agreement.
+the max and mean absolute logit error relative to the logit scale, and top-1 agreement,
+with 8-bit activations (the default for quantized weights) and with float32 activations.
 """
 from __future__ import annotations
 
@@ -61,15 +62,15 @@ def main(argv=None):
         a.model = default_model_path()
     ids = [int(t) for t in np.load(HERE.parent / "tests/data/gemma3_270m_llamacpp_teacher.npz")["ids"]]
     ids = ids[: a.tokens]
-    base = widen(torchless.ModelLoader.load_auto(a.model))
+    base = widen(torchless.ModelLoader.load_auto(a.model, act_quant=False))
     ref = base.prefill(base.new_state(), ids, all_logits=True)
     scale = float(np.abs(ref).max())
     rows = {}
-    for kind in ("q8_0", "q4_0"):
-        m = requantize(widen(torchless.ModelLoader.load_auto(a.model)), kind)
+    for kind, act_quant in (("q8_0", True), ("q4_0", True), ("q8_0", False), ("q4_0", False)):
+        m = requantize(widen(torchless.ModelLoader.load_auto(a.model, act_quant=act_quant)), kind)
         got = m.prefill(m.new_state(), ids, all_logits=True)
         err = np.abs(got - ref)
-        rows[kind] = {
+        rows[kind + ("" if act_quant else " float-act")] = {
             "max_abs_err_over_scale": float(err.max() / scale),
             "mean_abs_err_over_scale": float(err.mean() / scale),
             "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
