@@ -146,3 +146,30 @@ def _random_blocks(kind, rows, cols, rng):
         if kind in ("q4_k", "q5_k"):
             blocks[:, 2:4] = half[:, 2:4]
     return data
+
+
+def test_batched_linear_reuses_the_activation_round_trip_only_for_the_same_input():
+    """Batched prefill quantizes an input's activations once for all the weights that read it
+    (q, k, v); a different input, or a weight whose kind uses another activation format,
+    must not see the stored round trip."""
+    from torchless.engine import _FastOps
+    from torchless.kernels import matmul as km
+    from torchless.kernels import quant as kq
+    from torchless.weights import Weight
+
+    rng = np.random.default_rng(0)
+    ops = _FastOps(act_quant=True)
+    w8 = Weight("a", "q8_0", (48, 256), kq.quantize_q8_0(rng.standard_normal((48, 256))
+                                                         .astype(np.float32)))
+    w4 = Weight("b", "q4_0", (40, 256), kq.quantize_q4_0(rng.standard_normal((40, 256))
+                                                         .astype(np.float32)))
+    f32 = rng.standard_normal((40, 256)).astype(np.float32)
+    wf = Weight("c", "f32", f32.shape, f32)
+    blocks = rng.integers(0, 256, (24, 144), dtype=np.uint8)  # q4_K: d, dmin, scales, nibbles
+    blocks[:, 0:4] = np.full(2, 0.01, np.float16).view(np.uint8)
+    wk = Weight("d", "q4_k", (24, 256), blocks)
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    y = (x * 3 + 1).astype(np.float32)
+    for w, inp in ((w8, x), (w4, x), (wk, x), (w8, x), (w8, y), (wf, y), (w4, x), (w4, y)):
+        want = km.matmul(w, inp.copy(), act_quant=True)
+        np.testing.assert_array_equal(ops.linear(inp, w, None), want)
