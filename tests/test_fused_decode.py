@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import torchless
+from quant_blocks import random_blocks
 from torchless.kernels import decode as kd
+from torchless.kernels import quant as kq
 
 HERE = Path(__file__).parent
 FIX = HERE / "fixtures"
@@ -119,7 +121,7 @@ def test_linear_every_kind(kind):
     elif kind == "bf16":
         w = Weight("w", kind, a.shape, f32_to_bf16(a))
     else:
-        w = Weight("w", kind, a.shape, _random_blocks(kind, rows, cols, rng))
+        w = Weight("w", kind, a.shape, random_blocks(kind, rows, cols // kq.BLOCK_INFO[kind][0], rng))
     x = rng.standard_normal(cols).astype(np.float32)
     b = rng.standard_normal(rows).astype(np.float32)
     for aq in (False, True):
@@ -130,31 +132,12 @@ def test_linear_every_kind(kind):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
 
 
-def _random_blocks(kind, rows, cols, rng):
-    """Random but valid blocks: random bytes with finite half-float scales."""
-    from torchless.kernels import quant as kq
-
-    epb, bpb = kq.block_info(kind)
-    data = rng.integers(0, 256, (rows, cols // epb * bpb), dtype=np.uint8)
-    blocks = data.reshape(-1, bpb)
-    half = rng.uniform(0.01, 0.1, (blocks.shape[0], 2)).astype(np.float16).view(np.uint8)
-    # d (and dmin) sit at the start of q8_0/q4_0/q5_0 and the k4/k5 kinds, at the end of q6_k
-    if kind == "q6_k":
-        blocks[:, -2:] = half[:, :2]
-    else:
-        blocks[:, 0:2] = half[:, :2]
-        if kind in ("q4_k", "q5_k"):
-            blocks[:, 2:4] = half[:, 2:4]
-    return data
-
-
 def test_batched_linear_reuses_the_activation_round_trip_only_for_the_same_input():
     """Batched prefill quantizes an input's activations once for all the weights that read it
     (q, k, v); a different input, or a weight whose kind uses another activation format,
     must not see the stored round trip."""
     from torchless.engine import _FastOps
     from torchless.kernels import matmul as km
-    from torchless.kernels import quant as kq
     from torchless.weights import Weight
 
     rng = np.random.default_rng(0)
@@ -165,9 +148,7 @@ def test_batched_linear_reuses_the_activation_round_trip_only_for_the_same_input
                                                          .astype(np.float32)))
     f32 = rng.standard_normal((40, 256)).astype(np.float32)
     wf = Weight("c", "f32", f32.shape, f32)
-    blocks = rng.integers(0, 256, (24, 144), dtype=np.uint8)  # q4_K: d, dmin, scales, nibbles
-    blocks[:, 0:4] = np.full(2, 0.01, np.float16).view(np.uint8)
-    wk = Weight("d", "q4_k", (24, 256), blocks)
+    wk = Weight("d", "q4_k", (24, 256), random_blocks("q4_k", 24, 1, rng))
     x = rng.standard_normal((5, 256)).astype(np.float32)
     y = (x * 3 + 1).astype(np.float32)
     for w, inp in ((w8, x), (w4, x), (wk, x), (w8, x), (w8, y), (wf, y), (w4, x), (w4, y)):

@@ -11,6 +11,7 @@ from numba import njit
 
 from torchless.errors import TensorShapeError, TorchlessError, UnsupportedError
 from torchless.kernels import quant as Q
+from quant_blocks import random_blocks
 
 GGML = {
     "q8_0": G.Q8_0,
@@ -21,25 +22,8 @@ GGML = {
     "q6_k": G.Q6_K,
 }
 KINDS = list(GGML)
-# byte offsets of the half-float fields (d, dmin) inside one block
-F16_FIELDS = {"q8_0": [0], "q4_0": [0], "q5_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def random_blocks(kind, rows, nblocks, rng, wild_scales=False):
-    """Random block bytes whose half-float scale fields are finite and sane."""
-    _, bpb = Q.BLOCK_INFO[kind]
-    b = rng.integers(0, 256, (rows, nblocks, bpb), dtype=np.uint8)
-    for off in F16_FIELDS[kind]:
-        if wild_scales:  # any finite half, subnormals included (exponent field != 31)
-            bits = rng.integers(0, 1 << 16, (rows, nblocks), dtype=np.uint32).astype(np.uint16)
-            bits = np.where((bits & 0x7C00) == 0x7C00, bits & 0x83FF, bits).astype("<u2")
-        else:
-            bits = rng.uniform(-1, 1, (rows, nblocks)).astype("<f2").view("<u2")
-        b[..., off] = bits & 0xFF
-        b[..., off + 1] = bits >> 8
-    return b.reshape(rows, nblocks * bpb)
 
 
 def reference(kind, data):

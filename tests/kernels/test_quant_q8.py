@@ -22,22 +22,12 @@ from hypothesis import strategies as st
 
 from torchless.errors import TensorShapeError, UnsupportedError
 from torchless.kernels import quant as Q
+from quant_blocks import random_blocks
 from torchless.kernels import quant_q8 as Q8
 
 KINDS = ["q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k"]
-F16_FIELDS = {"q8_0": [0], "q4_0": [0], "q5_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F32 = np.float32
-
-
-def random_blocks(kind, rows, nblocks, rng):
-    _, bpb = Q.BLOCK_INFO[kind]
-    b = rng.integers(0, 256, (rows, nblocks, bpb), dtype=np.uint8)
-    for off in F16_FIELDS[kind]:
-        bits = rng.uniform(-1, 1, (rows, nblocks)).astype("<f2").view("<u2")
-        b[..., off] = bits & 0xFF
-        b[..., off + 1] = bits >> 8
-    return b.reshape(rows, nblocks * bpb)
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torchless.errors import (
 )
 from torchless.gguf import GGUFFile
 from torchless.kernels import quant as Q
+from quant_blocks import random_blocks
 
 QTYPES = {
     "q8_0": G.Q8_0,
@@ -28,18 +29,10 @@ QTYPES = {
     "q5_k": G.Q5_K,
     "q6_k": G.Q6_K,
 }
-F16_FIELDS = {"q8_0": [0], "q4_0": [0], "q5_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
 
 
 def quant_bytes(kind, rows, cols, rng):
-    epb, bpb = Q.BLOCK_INFO[kind]
-    nb = cols // epb
-    b = rng.integers(0, 256, (rows, nb, bpb), dtype=np.uint8)
-    for off in F16_FIELDS[kind]:
-        bits = rng.uniform(-1, 1, (rows, nb)).astype("<f2").view("<u2")
-        b[..., off] = bits & 0xFF
-        b[..., off + 1] = bits >> 8
-    return b.reshape(rows, nb * bpb)
+    return random_blocks(kind, rows, cols // Q.BLOCK_INFO[kind][0], rng)
 
 
 SCALARS = [
