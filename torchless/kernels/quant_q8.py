@@ -220,50 +220,62 @@ def _q8_0_act_into(x, d, qs):
             qs[o + j] = np.int8(r if v >= 0 else -r)
 
 
-@njit(cache=True)
+@njit(inline="always", cache=True)
+def _absmax(x, o, n):
+    """max |x[o : o + n]| (n a multiple of 8) in eight independent chains: the same value
+    as one chain (max is exact), without its latency."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _F32(0)
+    for j in range(o, o + n, 8):
+        m0 = max(m0, abs(x[j]))
+        m1 = max(m1, abs(x[j + 1]))
+        m2 = max(m2, abs(x[j + 2]))
+        m3 = max(m3, abs(x[j + 3]))
+        m4 = max(m4, abs(x[j + 4]))
+        m5 = max(m5, abs(x[j + 5]))
+        m6 = max(m6, abs(x[j + 6]))
+        m7 = max(m7, abs(x[j + 7]))
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+@njit(cache=True, error_model="numpy")
 def _q8_0_act_x86_into(x, d, qs):
     """ggml's AVX/AVX2 ``quantize_row_q8_0``: x * (127/amax), rounded half to even."""
     for b in range(x.shape[0] // 32):
         o = b * 32
-        amax = _F32(0)
-        for j in range(32):
-            amax = max(amax, abs(x[o + j]))
+        amax = _absmax(x, o, 32)
         d[b] = _round_f16(amax / _F32(127))
         inv = _F32(127) / amax if amax != 0 else _F32(0)
+        seg = x[o : o + 32]  # slices and range(32): loops LLVM vectorises
+        qseg = qs[o : o + 32]
         for j in range(32):
-            r = np.rint(np.float64(x[o + j] * inv))
-            qs[o + j] = np.int8(min(127.0, max(-128.0, r)))
+            qseg[j] = np.int8(min(_F32(127.0), max(_F32(-128.0), np.rint(seg[j] * inv))))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _q8_k_act_into(x, d, qs, bsums):
     """ggml ``quantize_row_q8_K_ref``: iscale = -127/max (max = the signed value of largest
-    magnitude), q = min(127, nearest_int(iscale*x)), d = 1/iscale, bsums of 16."""
+    magnitude, the first such), q = min(127, nearest_int(iscale*x)), d = 1/iscale, bsums of 16."""
     for b in range(x.shape[0] // 256):
         o = b * 256
-        amax = _F32(0)
-        mx = _F32(0)
-        for j in range(256):
-            a = abs(x[o + j])
-            if a > amax:
-                amax = a
-                mx = x[o + j]
-        if amax == 0:
+        amax = _absmax(x, o, 256)
+        seg = x[o : o + 256]
+        qseg = qs[o : o + 256]
+        if not amax > 0:  # all zero (or NaN): ggml stores zeros
             d[b] = 0
-            for j in range(256):
-                qs[o + j] = 0
-            for j in range(16):
-                bsums[b * 16 + j] = 0
+            qseg[:] = 0
+            bsums[b * 16 : b * 16 + 16] = 0
             continue
-        iscale = _F32(-127) / mx
+        j0 = 0
+        while j0 < 255 and abs(seg[j0]) != amax:  # the first element of largest magnitude
+            j0 += 1
+        iscale = _F32(-127) / seg[j0]
         for j in range(256):
-            r = np.rint(np.float64(iscale * x[o + j]))  # nearest_int: ties to even
-            qs[o + j] = np.int8(min(127.0, r))
+            qseg[j] = np.int8(min(_F32(127.0), np.rint(iscale * seg[j])))  # ties to even
         for j in range(16):
-            s = 0
+            t = 0
             for i in range(16):
-                s += qs[o + 16 * j + i]
-            bsums[b * 16 + j] = s
+                t += qseg[16 * j + i]
+            bsums[b * 16 + j] = t
         d[b] = _F32(1) / iscale
 
 
@@ -881,40 +893,39 @@ def matvec_q8act_q5_0(data, xd, xq, out):
     _matvec_rows2(data, xd, xq, out, 2)
 
 
-@njit(**_JIT)
-def matvec_q8act_q4_k(data, xd, xq, bsums, out):
-    """out[r] = row r of q4_k ``data`` . (xd, xq, bsums) (q8_K activations)."""
+@njit(inline="always", cache=True)
+def _matvec_rows_k(data, xd, xq, bsums, out, kind):
+    """Rows of a 256-element kind (0 q4_k, 1 q5_k, 2 q6_k) in parallel chunks."""
     rows = data.shape[0]
     x16 = xq.astype(np.int16)
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
         aux = np.empty(8, np.int32)
         sums = np.empty(8, np.float32)
         for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _row_k4(data[r], xd, x16, bsums, aux, sums, 144, False)
+            if kind == 0:
+                out[r] = _row_k4(data[r], xd, x16, bsums, aux, sums, 144, False)
+            elif kind == 1:
+                out[r] = _row_k4(data[r], xd, x16, bsums, aux, sums, 176, True)
+            else:
+                out[r] = _row_q6_k(data[r], xd, x16, aux, sums)
+
+
+@njit(**_JIT)
+def matvec_q8act_q4_k(data, xd, xq, bsums, out):
+    """out[r] = row r of q4_k ``data`` . (xd, xq, bsums) (q8_K activations)."""
+    _matvec_rows_k(data, xd, xq, bsums, out, 0)
 
 
 @njit(**_JIT)
 def matvec_q8act_q5_k(data, xd, xq, bsums, out):
     """out[r] = row r of q5_k ``data`` . (xd, xq, bsums) (q8_K activations)."""
-    rows = data.shape[0]
-    x16 = xq.astype(np.int16)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        aux = np.empty(8, np.int32)
-        sums = np.empty(8, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _row_k4(data[r], xd, x16, bsums, aux, sums, 176, True)
+    _matvec_rows_k(data, xd, xq, bsums, out, 1)
 
 
 @njit(**_JIT)
 def matvec_q8act_q6_k(data, xd, xq, bsums, out):
     """out[r] = row r of q6_k ``data`` . (xd, xq) (q8_K activations; bsums unused)."""
-    rows = data.shape[0]
-    x16 = xq.astype(np.int16)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        aux = np.empty(8, np.int32)
-        sums = np.empty(8, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _row_q6_k(data[r], xd, x16, aux, sums)
+    _matvec_rows_k(data, xd, xq, bsums, out, 2)
 
 
 MATVEC_Q8ACT = {
@@ -1014,55 +1025,25 @@ def matvec_q8act(
 ENGINE_Q8_0_VARIANT = "x86"
 
 
-@njit(inline="always", cache=True)
-def _absmax(x, o, n):
-    """max |x[o : o + n]| (n a multiple of 8) in eight independent chains: the same value
-    as one chain (max is exact), without its latency."""
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = _F32(0)
-    for j in range(o, o + n, 8):
-        m0 = max(m0, abs(x[j]))
-        m1 = max(m1, abs(x[j + 1]))
-        m2 = max(m2, abs(x[j + 2]))
-        m3 = max(m3, abs(x[j + 3]))
-        m4 = max(m4, abs(x[j + 4]))
-        m5 = max(m5, abs(x[j + 5]))
-        m6 = max(m6, abs(x[j + 6]))
-        m7 = max(m7, abs(x[j + 7]))
-    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-
-
 @njit(parallel=True, cache=True, error_model="numpy")
 def _dequantized_act_rows(x, fmt_k, out):
     """Each row of ``x [R, n]`` through the q8_0 (x86 quantizer; ``fmt_k`` False) or q8_K
-    activation format and back to float32, rows in parallel. Bit for bit the values
-    ``_q8_0_act_x86_into`` / ``_q8_k_act_into`` produce times their scales (tested), in
-    loops LLVM vectorises."""
+    activation format and back to float32, rows in parallel."""
     R, n = x.shape
     qk = 256 if fmt_k else 32
     for r in prange(R):
-        xr = x[r]
+        d = np.empty(n // qk, np.float32)
+        q = np.empty(n, np.int8)
+        if fmt_k:
+            _q8_k_act_into(x[r], d, q, np.empty(n // 16, np.int16))
+        else:
+            _q8_0_act_x86_into(x[r], d, q)
         orow = out[r]
         for b in range(n // qk):
-            o = b * qk
-            amax = _absmax(xr, o, qk)
-            seg = xr[o : o + qk]
-            oseg = orow[o : o + qk]
-            if not fmt_k:
-                d = _round_f16(amax / _F32(127))
-                inv = _F32(127) / amax if amax != 0 else _F32(0)
-                for j in range(qk):
-                    v = np.rint(seg[j] * inv)
-                    oseg[j] = min(_F32(127.0), max(_F32(-128.0), v)) * d
-            elif amax == 0:
-                oseg[:] = 0.0
-            else:
-                j0 = 0
-                while abs(seg[j0]) != amax:  # the first element of largest magnitude
-                    j0 += 1
-                iscale = _F32(-127) / seg[j0]
-                d = _F32(1) / iscale
-                for j in range(qk):
-                    oseg[j] = min(_F32(127.0), np.rint(iscale * seg[j])) * d
+            qseg = q[b * qk : (b + 1) * qk]
+            oseg = orow[b * qk : (b + 1) * qk]
+            for j in range(qk):
+                oseg[j] = _F32(qseg[j]) * d[b]
 
 
 def dequantized_activations(kind: str, x: np.ndarray) -> np.ndarray:
