@@ -39,7 +39,7 @@ def timed(fn, name):
     return wrapper
 
 
-for name in ("linear", "norm", "act", "gated", "rope", "attention"):
+for name in ("linear", "norm", "act", "gated", "gated_fused", "rope", "attention"):
     fn = getattr(eng._FastOps, name)
     setattr(eng._FastOps, name, timed(fn, name) if name == "linear" else staticmethod(timed(fn, name)))
 best = None

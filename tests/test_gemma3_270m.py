@@ -67,12 +67,13 @@ def _agreement(m, ref):
 
 def test_greedy_matches_llama_cpp(model):
     """The default (8-bit activations, llama.cpp's x86 float order for the 32-element
-    kinds): four recordings token for token; "The capital of France is" for 18 tokens,
-    leaving at a near-tie (llama.cpp's margin there: 0.12)."""
+    kinds): the three recordings without near-ties token for token; the other two at least
+    as far as llama.cpp's own variants follow them (token by token: 11 steps of "The capital
+    of France is"; flash attention: 4 of "Once upon a time")."""
     ref = json.loads((DATA / "gemma3_270m_llamacpp_greedy.json").read_text())
     got = _agreement(model, ref)
     need = {c["prompt"]: len(c["new_ids"]) for c in ref["cases"]}
-    need["The capital of France is"] = 18
+    need.update({"The capital of France is": 11, "Once upon a time": 4})
     assert all(got[p] >= n for p, n in need.items()), got
 
 

@@ -359,12 +359,12 @@ class DecoderModel:
                               layer.b.get("ffn_down"))
         if "ffn_gate_up" in layer.w:
             gu = ops.linear(h, layer.w["ffn_gate_up"], layer.b.get("ffn_gate_up"))
-            g, u = gu[:, : cfg.intermediate_size], gu[:, cfg.intermediate_size :]
+            a = ops.gated_fused(gu, cfg.activation)
         else:
             g = ops.linear(h, layer.w["ffn_gate"], layer.b.get("ffn_gate"))
             u = ops.linear(h, layer.w["ffn_up"], layer.b.get("ffn_up"))
-        return ops.linear(ops.gated(g, u, cfg.activation), layer.w["ffn_down"],
-                          layer.b.get("ffn_down"))
+            a = ops.gated(g, u, cfg.activation)
+        return ops.linear(a, layer.w["ffn_down"], layer.b.get("ffn_down"))
 
     # ---- generation -------------------------------------------------------------------------
     def _tok(self):
@@ -465,6 +465,11 @@ class _RefOps:
     def gated(g, u, kind):
         return (ref.activation(g, kind) * u).astype(np.float32)
 
+    @classmethod
+    def gated_fused(cls, gu, kind):
+        n = gu.shape[1] // 2
+        return cls.gated(gu[:, :n], gu[:, n:], kind)
+
     @staticmethod
     def rope(x, cos, sin, rot):
         return ref.rope(x, cos, sin, rot)
@@ -523,6 +528,14 @@ class _FastOps:
         out = np.empty_like(g)
         kernel = ko.gated_act if g.size > 65536 else ko.gated_act_serial
         kernel(g, u, ACT_CODES[kind], out)
+        return out
+
+    @staticmethod
+    def gated_fused(gu, kind):
+        gu = np.ascontiguousarray(gu, dtype=np.float32)
+        out = np.empty((gu.shape[0], gu.shape[1] // 2), np.float32)
+        kernel = ko.gated_act_fused if out.size > 65536 else ko.gated_act_fused_serial
+        kernel(gu, ACT_CODES[kind], out)
         return out
 
     @staticmethod

@@ -118,3 +118,98 @@ def fast_tanh(x):
     t = np.float32(1.0) - np.float32(2.0) / (fast_exp(np.float32(2.0) * a) + np.float32(1.0))
     t = t if a > np.float32(4e-4) else a
     return t if x >= 0 else -t
+
+
+# Reductions in a fixed order. A float reduction that LLVM may reassociate is summed in
+# whatever order its vectoriser picks, and that pick can change with the compilation context
+# (a kernel compiled fresh and the same kernel loaded from Numba's cache once summed
+# differently). These build the vector loop themselves: 16 lanes (element j into lane
+# j % 16) added as a fixed tree (halves added lane by lane), the tail in element order.
+_VLANES = 16
+
+
+def _lane_tree(builder, v):
+    while v.type.count > 1:
+        h = v.type.count // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h),
+                                                      list(range(h))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h),
+                                                      list(range(h, 2 * h))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+@intrinsic
+def _vdot_body(typingctx, a, b):
+    """Dot product of two contiguous float32 vectors over their whole 16-element chunks."""
+    if not all(isinstance(t, types.Array) and t.ndim == 1 and t.dtype == types.float32
+               and t.layout == "C" for t in (a, b)):
+        return None
+    sig = types.float32(a, b)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        vf = ir.VectorType(f32, _VLANES)
+        arys = [context.make_array(t)(context, builder, value=v)
+                for t, v in zip(signature.args, args)]
+        n = cgutils.unpack_tuple(builder, arys[0].shape)[0]
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vf, [ir.Constant(f32, 0.0)]
+                                                             * _VLANES))
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{_VLANES}f32")
+        nb = builder.udiv(n, ir.Constant(n.type, _VLANES))
+        with cgutils.for_range(builder, nb) as loop:
+            c = builder.mul(loop.index, ir.Constant(n.type, _VLANES))
+            va, vb = [builder.load(builder.bitcast(builder.gep(x.data, [c]), vf.as_pointer()),
+                                   align=4) for x in arys]
+            builder.store(builder.call(fma, [va, vb, builder.load(acc)]), acc)
+        return _lane_tree(builder, builder.load(acc))
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def fixed_dot(a, b):
+    """``sum(a * b)`` over two contiguous float32 vectors of equal length, in a fixed order."""
+    n = a.shape[0]
+    s = _vdot_body(a, b)
+    for j in range(n - n % _VLANES, n):
+        s += a[j] * b[j]
+    return s
+
+
+@intrinsic
+def _vsum_chunks_f64_body(typingctx, a):
+    """float64 sum of the 16-element chunks' float32 lane-tree sums (whole chunks only)."""
+    if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.float32
+            and a.layout == "C"):
+        return None
+    sig = types.float64(a)
+
+    def codegen(context, builder, signature, args):
+        f32, f64 = ir.FloatType(), ir.DoubleType()
+        vf = ir.VectorType(f32, _VLANES)
+        ary = context.make_array(signature.args[0])(context, builder, value=args[0])
+        n = cgutils.unpack_tuple(builder, ary.shape)[0]
+        acc = cgutils.alloca_once_value(builder, ir.Constant(f64, 0.0))
+        nb = builder.udiv(n, ir.Constant(n.type, _VLANES))
+        with cgutils.for_range(builder, nb) as loop:
+            c = builder.mul(loop.index, ir.Constant(n.type, _VLANES))
+            v = builder.load(builder.bitcast(builder.gep(ary.data, [c]), vf.as_pointer()),
+                             align=4)
+            part = builder.fpext(_lane_tree(builder, v), f64)
+            builder.store(builder.fadd(builder.load(acc), part), acc)
+        return builder.load(acc)
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def chunked_sum_f64(a):
+    """``sum(a)`` as ggml's softmax sums: each 16-element chunk in float32, chunks and the
+    remaining elements accumulated in float64."""
+    n = a.shape[0]
+    s = _vsum_chunks_f64_body(a)
+    for j in range(n - n % _VLANES, n):
+        s += np.float64(a[j])
+    return s

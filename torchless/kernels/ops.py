@@ -7,7 +7,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .bits import fast_exp, fast_tanh
+from .bits import chunked_sum_f64, fast_exp, fast_tanh, fixed_dot
 
 SQRT_2_OVER_PI = np.float32(math.sqrt(2.0 / math.pi))
 
@@ -92,6 +92,24 @@ def gated_act_serial(gate, up, kind, out):
         _gated_row(gate[t], up[t], kind, out[t])
 
 
+@njit(parallel=True, cache=True)
+def gated_act_fused(gu, kind, out):
+    """``out = act(gu[:, :I]) * gu[:, I:]`` for a fused gate/up product ``gu [T, 2I]``
+    (row halves of a C-contiguous row stay contiguous, so the row loop vectorises)."""
+    n = out.shape[1]
+    for t in prange(gu.shape[0]):
+        row = gu[t]
+        _gated_row(row[:n], row[n:], kind, out[t])
+
+
+@njit(cache=True)
+def gated_act_fused_serial(gu, kind, out):
+    n = out.shape[1]
+    for t in range(gu.shape[0]):
+        row = gu[t]
+        _gated_row(row[:n], row[n:], kind, out[t])
+
+
 @njit(cache=True)
 def _rope_token(x, cos, sin, rot, t):
     nh = x.shape[1]
@@ -122,14 +140,18 @@ def rope_rows_serial(x, cos, sin, rot):
         _rope_token(x, cos, sin, rot, t)
 
 
-# Reassociation lets LLVM vectorise the dot products, the softmax sums and the weighted sum
-# over V. No 'ninf' flag: the maximum starts from real scores, but callers pass -inf masks.
-_ATTN_MATH = {"reassoc", "contract", "nsz", "arcp"}
+# No 'reassoc': a reassociated reduction is summed in whatever order LLVM's vectoriser picks,
+# and that pick changed with the compilation context (a parallel kernel compiled fresh and the
+# same kernel loaded from Numba's cache summed softmax rows differently), so results moved
+# between a first and a second run. The sums below use bits.fixed_sum / fixed_dot, which
+# vectorise in a fixed order. No 'ninf' flag either: callers pass -inf masks.
+_ATTN_MATH = {"contract", "nsz", "arcp"}
 
 
-@njit(cache=True, fastmath=_ATTN_MATH | {"nnan"})
+@njit(cache=True, fastmath=_ATTN_MATH | {"nnan", "reassoc"})
 def _row_max(seg):
-    # four independent chains (a max reduction does not vectorise here)
+    # four independent chains (a max reduction does not vectorise here); max is exact, so
+    # its order cannot change the result
     n = seg.shape[0]
     m0 = m1 = m2 = m3 = seg[0]
     n4 = n // 4 * 4
@@ -152,12 +174,9 @@ def _softmax_inplace(seg, softcap):
         for j in range(n):
             seg[j] = c * fast_tanh(seg[j] / c)
     m = _row_max(seg)
-    tot = np.float32(0.0)
     for j in range(n):  # range(n) over a slice: LLVM sees non-negative unit-stride indices
-        e = fast_exp(seg[j] - m)
-        seg[j] = e
-        tot += e
-    inv = np.float32(1.0) / tot
+        seg[j] = fast_exp(seg[j] - m)
+    inv = np.float32(1.0 / chunked_sum_f64(seg))
     for j in range(n):
         seg[j] *= inv
 
@@ -176,11 +195,7 @@ def _attend(q, k_cache, v_cache, start, scale, softcap, window, logn, out, t, h)
     qs = np.float32(scale) * logn[t]
     qv = q[t, h]
     for jj in range(n):
-        kv = k_cache[g, lo + jj]
-        s = np.float32(0.0)
-        for d in range(D):
-            s += qv[d] * kv[d]
-        scores[jj] = s * qs
+        scores[jj] = fixed_dot(qv, k_cache[g, lo + jj]) * qs
     _softmax_inplace(scores, softcap)
     acc = np.zeros(D, dtype=np.float32)
     for jj in range(n):
