@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -130,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    ap.add_argument("--engines", default=None,
+                    help="comma-separated engine names to run (default: all), e.g. "
+                         "'torchless f32,llama.cpp F32'")
     a = ap.parse_args(argv)
     stem = a.gguf_stem or a.hf.name
     P, N, T = a.prompt_tokens, a.new_tokens, a.threads
@@ -149,7 +153,14 @@ def main(argv=None) -> int:
     if not a.skip_transformers:
         engines["transformers float32"] = lambda: transformers_run(a.hf, "float32", T, P, N)
         engines["transformers bfloat16"] = lambda: transformers_run(a.hf, "bfloat16", T, P, N)
+    if a.engines:
+        wanted = [e.strip() for e in a.engines.split(",")]
+        unknown = [e for e in wanted if e not in engines]
+        if unknown:
+            ap.error(f"unknown engine(s) {unknown}; known: {sorted(engines)}")
+        engines = {k: v for k, v in engines.items() if k in wanted}
     best: dict = {}
+    rounds: dict = {}
     for r in range(a.rounds):
         for name, fn in engines.items():
             if name.startswith("llama.cpp") and not (a.gguf_dir / f"{stem}-{name.split()[1].lower()}.gguf").exists():
@@ -157,6 +168,7 @@ def main(argv=None) -> int:
             t = time.time()
             res = fn()
             print(f"round {r} {name:24s} {json.dumps(res)} ({time.time() - t:.0f}s)", flush=True)
+            rounds.setdefault(name, []).append(res)
             b = best.setdefault(name, dict(res))
             for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "decode_depth0_tokens_per_s"):
                 if k in res:
@@ -166,7 +178,7 @@ def main(argv=None) -> int:
                     b[k] = res[k] if k != "ceiling_fraction" else max(b.get(k, 0), res[k])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"threads": T, "prompt_tokens": P, "new_tokens": N,
-                                 "results": best}, indent=2))
+                                 "results": best, "rounds": rounds}, indent=2))
     pairs = [("torchless f32", "llama.cpp F32"), ("torchless bf16", "llama.cpp F16"),
              ("torchless q8_0", "llama.cpp Q8_0"), ("torchless q4_0", "llama.cpp Q4_K_M"),
              ("torchless q8_0 float-act", "llama.cpp Q8_0"),
@@ -182,6 +194,18 @@ def main(argv=None) -> int:
         if x in best and y in best:
             r = [best[x].get(k, 0) / best[y][k] if best[y].get(k) else float("nan") for k in keys]
             print(f"| {x} / {y} | " + " | ".join(f"{v:.2f}" for v in r) + " |")
+    # the same pairs round by round (each round runs both engines back to back), and the
+    # median of those ratios: less sensitive to one lucky or unlucky run than best-of
+    print(f"\n| ratio, round by round (median) | decode at depth {P} | decode at depth 0 | prefill |"
+          "\n|---|---|---|---|")
+    for x, y in pairs:
+        if x in rounds and y in rounds:
+            cells = []
+            for k in keys:
+                rs = [rx.get(k, 0) / ry[k] for rx, ry in zip(rounds[x], rounds[y]) if ry.get(k)]
+                cells.append(" ".join(f"{v:.2f}" for v in rs)
+                             + (f" ({statistics.median(rs):.2f})" if rs else ""))
+            print(f"| {x} / {y} | " + " | ".join(cells) + " |")
     return 0
 
 

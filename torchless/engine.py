@@ -18,6 +18,7 @@ from .errors import TensorShapeError, TokenError
 from .kernels import decode as kd
 from .kernels import matmul as km
 from .kernels import ops as ko
+from .memory import keep_freed_memory
 from .state import InferenceState
 from .weights import Weight
 
@@ -79,6 +80,7 @@ class DecoderModel:
         self.spec = spec
         self.params = params
         self.tokenizer = tokenizer
+        keep_freed_memory()  # prefill reuses its intermediate arrays' pages (memory.py)
         # An eager model owns its weights, so it may lay q/k/v (and gate/up) out as one
         # matrix: one kernel call instead of three. A lazy one keeps the file's layout.
         self._assemble(tensors, fuse=params is None or not params.lazy)
