@@ -3,8 +3,8 @@
 A batched prefill allocates a few hundred MB of intermediate arrays per pass (each projection
 output, each attention block's scores ...). glibc serves arrays that large with fresh
 ``mmap`` pages and returns them on ``free``, so every pass page-faults all of it in again
-and the kernel zeroes it: about 70,000 faults and a fifth of a second of system time per
-512-token prefill of a 134M model (BENCHMARKS.md, "Page faults"). Raising glibc's
+and the kernel zeroes it: 70,000-90,000 faults and 0.1-0.25 s of system time per 512-token
+prefill of a 134M model (BENCHMARKS.md, fourth session, "Page faults in prefill"). Raising glibc's
 ``M_MMAP_THRESHOLD`` (to its maximum, 32 MiB) and ``M_TRIM_THRESHOLD`` keeps those blocks in
 the heap instead: the cost is that the process does not hand freed memory back to the
 system until it exits, as with most allocators tuned for speed.

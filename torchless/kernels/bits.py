@@ -129,6 +129,8 @@ _VLANES = 16
 
 
 def _lane_tree(builder, v):
+    """Sum of a float vector's lanes as a fixed tree: the upper half added to the lower half,
+    lane by lane, until one lane is left."""
     while v.type.count > 1:
         h = v.type.count // 2
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h),

@@ -16,7 +16,7 @@ from numba.extending import intrinsic
 from ..weights import Weight
 from . import quant, quant_q8
 from . import quant_q8 as q8
-from .bits import bf16_to_f32, f16_to_f32
+from .bits import _lane_tree, bf16_to_f32, f16_to_f32
 
 # With act_quant, quantized weights meet 8-bit quantized activations, as in llama.cpp:
 # integer dot products, about twice as fast, at the cost of activation rounding noise.
@@ -96,12 +96,7 @@ def _make_rows4(kind):
                     builder.store(builder.call(fma, [wv, xv, builder.load(accs[k])]), accs[k])
             pr = context.make_array(sig.args[3])(context, builder, value=args[3]).data
             for k in range(4):
-                v = builder.load(accs[k])
-                while v.type.count > 1:  # fixed tree: halves added lane by lane
-                    h = v.type.count // 2
-                    v = builder.fadd(q8._shuf(builder, v, v, range(h)),
-                                     q8._shuf(builder, v, v, range(h, 2 * h)))
-                builder.store(builder.extract_element(v, ir.Constant(ir.IntType(32), 0)),
+                builder.store(_lane_tree(builder, builder.load(accs[k])),
                               builder.gep(pr, [ir.Constant(ir.IntType(32), k)]))
             return context.get_dummy_value()
 

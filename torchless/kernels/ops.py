@@ -143,8 +143,8 @@ def rope_rows_serial(x, cos, sin, rot):
 # No 'reassoc': a reassociated reduction is summed in whatever order LLVM's vectoriser picks,
 # and that pick changed with the compilation context (a parallel kernel compiled fresh and the
 # same kernel loaded from Numba's cache summed softmax rows differently), so results moved
-# between a first and a second run. The sums below use bits.fixed_sum / fixed_dot, which
-# vectorise in a fixed order. No 'ninf' flag either: callers pass -inf masks.
+# between a first and a second run. The sums below use bits.fixed_dot / chunked_sum_f64,
+# which vectorise in a fixed order. No 'ninf' flag either: callers pass -inf masks.
 _ATTN_MATH = {"contract", "nsz", "arcp"}
 
 

@@ -69,7 +69,7 @@ from numba.extending import intrinsic
 
 from ..errors import TensorShapeError, UnsupportedError
 from . import quant as _q
-from .bits import PREFETCH_BYTES, _prefetch_ir, prefetch
+from .bits import PREFETCH_BYTES, _lane_tree, _prefetch_ir, prefetch
 from .quant import _h2f
 
 QK8_0 = 32
@@ -773,14 +773,6 @@ def _signed_q5_0(builder, p):
     return builder.sub(w, _splat_const(_I8, 32, 16))
 
 
-def _hsum8(builder, v):
-    """Sum of a <8 x float> in a fixed tree order: (0+4, 1+5, 2+6, 3+7), then pairs."""
-    a = builder.fadd(_shuf(builder, v, v, range(4)), _shuf(builder, v, v, range(4, 8)))
-    b = builder.fadd(_shuf(builder, a, a, range(2)), _shuf(builder, a, a, range(2, 4)))
-    return builder.fadd(builder.extract_element(b, ir.Constant(_I32, 0)),
-                        builder.extract_element(b, ir.Constant(_I32, 1)))
-
-
 
 
 def _make_rows2(signed, bpb, name):
@@ -833,8 +825,9 @@ def _make_rows2(signed, bpb, name):
                     builder.store(builder.call(fma, [builder.sitofp(lanes, v8f), scv,
                                                      builder.load(acc)]), acc)
             pr = _data_ptr(context, builder, sig, args, 4)
-            builder.store(_hsum8(builder, builder.load(acc0)), pr)
-            builder.store(_hsum8(builder, builder.load(acc1)), _at(builder, pr, 1))
+            # the 8 lanes in a fixed tree: (0+4, 1+5, 2+6, 3+7), then pairs
+            builder.store(_lane_tree(builder, builder.load(acc0)), pr)
+            builder.store(_lane_tree(builder, builder.load(acc1)), _at(builder, pr, 1))
             return context.get_dummy_value()
 
         return sig, codegen
