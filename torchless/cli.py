@@ -8,7 +8,7 @@ import sys
 from .errors import TorchlessError
 
 
-def _load(path, lazy=False, quantize=None, act_quant=None):
+def _load(path, lazy=False, quantize=None, act_quant=None, numerics="torchless"):
     from .loader import ModelLoader
 
     if path is None:
@@ -16,7 +16,7 @@ def _load(path, lazy=False, quantize=None, act_quant=None):
 
         path = default_model_path()
     return ModelLoader.load_auto(path, lazy=lazy, quantize=quantize,
-                                 act_quant=act_quant)
+                                 act_quant=act_quant, numerics=numerics)
 
 
 def _sampling_args(p):
@@ -33,6 +33,10 @@ def _sampling_args(p):
     p.add_argument("--act-quant", action=argparse.BooleanOptionalAction, default=None,
                    help="8-bit activations for quantized weights (llama.cpp's way; the "
                         "default for quantized weights)")
+    p.add_argument("--numerics", choices=["torchless", "llama.cpp"], default="torchless",
+                   help="llama.cpp: compute in llama.cpp's float order, bit for bit (GGUF "
+                        "models of the kinds it covers, e.g. Gemma 3), for llama.cpp's "
+                        "exact greedy text")
 
 
 def cmd_generate(args) -> int:
@@ -42,7 +46,7 @@ def cmd_generate(args) -> int:
         model_path, prompt = args.args
     else:
         raise TorchlessError('usage: torchless generate [MODEL] "prompt"')
-    model = _load(model_path, args.lazy, args.quantize, args.act_quant)
+    model = _load(model_path, args.lazy, args.quantize, args.act_quant, args.numerics)
     model._tok()  # fail before printing anything if there is no tokenizer
     out = sys.stdout
     out.write(prompt)
@@ -84,7 +88,7 @@ def cmd_inspect(args) -> int:
 def cmd_chat(args) -> int:
     from .chat import chat_loop
 
-    model = _load(args.model, args.lazy, args.quantize, args.act_quant)
+    model = _load(args.model, args.lazy, args.quantize, args.act_quant, args.numerics)
     return chat_loop(model, args)
 
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from . import reference as ref
 from .config import ModelConfig
-from .errors import TensorShapeError, TokenError
+from . import ggml_numerics as gn
+from .errors import TensorShapeError, TokenError, TorchlessError
 from .kernels import decode as kd
 from .kernels import matmul as km
 from .kernels import ops as ko
@@ -75,20 +76,29 @@ class DecoderModel:
     family: str | None = None
 
     def __init__(self, config: ModelConfig, tensors: dict, tokenizer=None, spec=None,
-                 params=None, act_quant: bool | None = None):
+                 params=None, act_quant: bool | None = None, numerics: str = "torchless"):
         self.config = config
+        #: "torchless" (own kernels) or "llama.cpp" (llama.cpp's float order, ggml_numerics.py)
+        self.numerics = gn.check_numerics(numerics)
         self.spec = spec
         self.params = params
         self.tokenizer = tokenizer
         keep_freed_memory()  # prefill reuses its intermediate arrays' pages (memory.py)
         # An eager model owns its weights, so it may lay q/k/v (and gate/up) out as one
         # matrix: one kernel call instead of three. A lazy one keeps the file's layout.
-        self._assemble(tensors, fuse=params is None or not params.lazy)
+        self._assemble(tensors, fuse=(params is None or not params.lazy)
+                       and numerics == "torchless")
         #: quantized weights meet 8-bit activations (llama.cpp's way; see kernels.matmul).
         #: Default: on when the model holds block-quantized weights.
         quantized = km.quant_q8.supports(self.output.kind) or any(
             km.quant_q8.supports(w.kind) for layer in self.layers for w in layer.w.values())
         self.act_quant = km.act_quant_default(quantized) if act_quant is None else bool(act_quant)
+        if numerics == "llama.cpp":
+            if act_quant is False:
+                raise TorchlessError("numerics='llama.cpp' quantizes activations as llama.cpp "
+                                     "does; it cannot be combined with act_quant=False")
+            gn.check_supported(self)
+            self.act_quant = True
         self._packed = None  # the per-layer arguments of the fused decode, made on first use
 
     # ---- the Model protocol ----------------------------------------------------------------
@@ -219,18 +229,22 @@ class DecoderModel:
         cfg = self.config
         T = len(ids)
         state.cache.ensure(P + T)
-        tables = self._rope_tables(state, P, T)
+        ggml = self.numerics == "llama.cpp"
+        if ggml:
+            tables = gn.rope_tables(cfg, np.arange(P, P + T))
+        else:
+            tables = self._rope_tables(state, P, T)
         logn = np.ones(T, np.float32)
         if cfg.logn_seq_length:
             pos1 = np.arange(P, P + T, dtype=np.float64) + 1
             logn = np.where(pos1 > cfg.logn_seq_length,
                             np.log(pos1) / np.log(cfg.logn_seq_length), 1.0).astype(np.float32)
-        ops = _OPS[fast, self.act_quant]
+        ops = gn.GgmlOps if ggml else _OPS[fast, self.act_quant]
         x = self.embed.rows_f32(np.asarray(ids))
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self._embed_scale is not None:
             x *= self._embed_scale
-        packed = self._decode_pack() if fast and T == 1 else None
+        packed = self._decode_pack() if fast and T == 1 and not ggml else None
         if packed:
             # decode: one compiled call per layer (kernels/decode.py), same math as _layer
             xv = x[0].copy()
@@ -334,6 +348,8 @@ class DecoderModel:
         cos, sin, rot = rope_table
         q = ops.rope(q, cos, sin, rot)
         k = ops.rope(k, cos, sin, rot)
+        if ops is gn.GgmlOps:
+            k, v = ops.kv(k), ops.kv(v)
         kc, vc = state.cache.k[i], state.cache.v[i]
         kc[:, P : P + T] = k.transpose(1, 0, 2)
         vc[:, P : P + T] = v.transpose(1, 0, 2)

@@ -105,7 +105,8 @@ def build_tokenizer(params: Parameters, cfg):
 
 
 def build_model(params: Parameters, family: str | None = None, model_class=None,
-                quantize: str | None = None, act_quant: bool | None = None):
+                quantize: str | None = None, act_quant: bool | None = None,
+                numerics: str = "torchless"):
     spec = _resolve_spec(params, family)
     if params.format == "gguf":
         cfg = spec.config_from_gguf(params.gguf)
@@ -124,24 +125,28 @@ def build_model(params: Parameters, family: str | None = None, model_class=None,
     tokenizer = build_tokenizer(params, cfg)
     # A plugin's own model class wins (its forward differs); else the family class asked for.
     cls = spec.model_class or model_class or FAMILY_CLASSES.get(spec.family, DecoderModel)
-    return cls(cfg, tensors, tokenizer=tokenizer, spec=spec, params=params, act_quant=act_quant)
+    return cls(cfg, tensors, tokenizer=tokenizer, spec=spec, params=params, act_quant=act_quant,
+               numerics=numerics)
 
 
 class ModelLoader:
     @staticmethod
     def load_auto(path, lazy: bool = False, quantize: str | None = None,
-                  threads: int | None = None, act_quant: bool | None = None) -> DecoderModel:
+                  threads: int | None = None, act_quant: bool | None = None,
+                  numerics: str = "torchless") -> DecoderModel:
         """Load a model folder, ``.safetensors`` or ``.gguf`` file, detecting its family.
 
         ``lazy`` memory-maps the weights; ``quantize`` ("q8_0", "q4_0") converts them on
         load; ``threads`` sets the kernel thread count (default: TORCHLESS_NUM_THREADS or
         every core); ``act_quant`` makes quantized weights meet 8-bit activations as
         llama.cpp does (faster); by default it is on when the weights are block-quantized
-        (GGUF or ``quantize=``), unless TORCHLESS_ACT_QUANT=0.
+        (GGUF or ``quantize=``), unless TORCHLESS_ACT_QUANT=0. ``numerics="llama.cpp"``
+        computes in llama.cpp's float order, bit for bit, for the GGUF kinds and operations
+        :mod:`torchless.ggml_numerics` covers (Gemma 3's), so that greedy text is llama.cpp's.
         """
         _threads(threads)
         params = Parameters.load(path, lazy=lazy)
-        return build_model(params, quantize=quantize, act_quant=act_quant)
+        return build_model(params, quantize=quantize, act_quant=act_quant, numerics=numerics)
 
     @staticmethod
     def load_as(path, arch, lazy: bool = False, quantize: str | None = None,

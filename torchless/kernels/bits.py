@@ -215,3 +215,22 @@ def chunked_sum_f64(a):
     for j in range(n - n % _VLANES, n):
         s += np.float64(a[j])
     return s
+
+
+@intrinsic
+def _fma_f32(typingctx, a, b, c):
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def fma32(a, b, c):
+    """``a * b + c`` in float32 with one rounding (a fused multiply-add)."""
+    return _fma_f32(np.float32(a), np.float32(b), np.float32(c))

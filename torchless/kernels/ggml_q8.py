@@ -1,0 +1,480 @@
+"""Q5_0 / Q8_0 weights times float32 activations, bit for bit as llama.cpp's x86 CPU backend.
+
+What llama.cpp runs (this build: gcc -O3 -march=native with AVX-512/VNNI/F16C/FMA,
+GGML_USE_LLAMAFILE, no repacking for these two types on x86):
+
+* ``T > 1`` activation rows: llamafile's ``tinyBLAS_Q0_AVX<block_q5_0|block_q8_0, block_q8_0>``
+  (``ggml-cpu/llamafile/sgemm.cpp``) after the activations have been quantized to q8_0;
+  the tile shape (``gemm4xN``, ``gemmMx4``, ``gemm<RM, RN>``) only decides which thread
+  computes which output element -- every element is computed the same way.
+* ``T == 1``: llamafile declines (``n < 2``), so ggml's ``vec_dot`` runs:
+  ``ggml_vec_dot_q5_0_q8_0`` / ``ggml_vec_dot_q8_0_q8_0`` (``arch/x86/quants.c``, AVX2 branch).
+
+Both compute, for weight row ``r`` and activation row ``t`` (``K = 32 * nb`` columns):
+
+1. The activation row is quantized by ``quantize_row_q8_0`` (x86 AVX branch), block by block:
+   ``amax = max |x|``; ``d = amax / 127.0f`` (a float32 division), stored as a half
+   (round to nearest even, ``_cvtss_sh(d, 0)``); ``id = 127.0f / amax`` (0 if amax == 0);
+   ``q = round_half_even(x * id)`` (float32 product, ``_mm256_round_ps``), saturated to int8.
+   The scale used later is the *half* ``d``.
+2. Per block ``b``: the weight quants made signed (q8_0 as stored, q5_0 ``nibble | bit4 << 4``
+   minus 16) and the block's integer products summed in 8 int32 lanes, lane ``i`` holding
+   elements ``4i .. 4i+3`` (``vpdpbusd`` with the sign trick; exact).
+3. ``s = f32(d_w) * f32(d_x)`` (one float32 product of the two halves) and, lane by lane,
+   ``acc[i] = fma(s, float(lane[i]), acc[i])`` starting from ``acc = 0``, blocks in order.
+4. The row result is ``((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7))``
+   (``hsum_float_8`` / tinyBLAS ``hsum``: high 128-bit half added to the low half, then
+   ``movehl`` and ``movehdup``).
+
+This module does exactly that: :func:`quantize_act_q8_0` (step 1, Numba), and one LLVM
+intrinsic per (kind, tile) for steps 2-4, which keeps a tile of ``RM`` weight rows by ``RN``
+activation rows in registers (the integer work on ``vpdpbusd`` when the host has AVX-VNNI /
+AVX512-VNNI, else ``vpmaddubsw`` + ``vpmaddwd``, else portable IR; integers are exact, so every
+tier gives the same bits). Entry point: :func:`matmul_q8_family`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .bits import PREFETCH_BYTES, _lane_tree, _prefetch_ir
+
+__all__ = [
+    "BLOCK_BYTES",
+    "ISA",
+    "matmul_q8_family",
+    "matmul_q8_family_act",
+    "quantize_act_q8_0",
+]
+
+QK = 32
+#: bytes of one 32-element block
+BLOCK_BYTES = {"q8_0": 34, "q5_0": 22}
+_KIND_ID = {"q8_0": 0, "q5_0": 1}
+_F32 = np.float32
+
+# ----------------------------------------------------------------------------------------
+# Step 1: ggml's x86 quantize_row_q8_0
+# ----------------------------------------------------------------------------------------
+
+
+@intrinsic
+def _f32_bits(typingctx, v):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, v):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def f32_to_f16_bits(v):
+    """float32 -> IEEE half bits, round to nearest even (F16C ``_cvtss_sh(v, 0)``)."""
+    u = np.int64(_f32_bits(v))
+    sign = (u >> 31) << 15
+    e = (u >> 23) & 0xFF
+    m = u & 0x7FFFFF
+    if e == 0xFF:  # inf / nan (quiet)
+        return sign | 0x7C00 | ((m >> 13) | (0x200 if m else 0))
+    he = e - 112  # the half's biased exponent
+    if he >= 1:  # normal half (or overflow)
+        h = (he << 10) + (m >> 13)
+        rem = m & 0x1FFF
+        if rem > 0x1000 or (rem == 0x1000 and (h & 1)):
+            h += 1
+        if h >= 0x7C00:
+            h = 0x7C00
+        return sign | h
+    # subnormal half: value in units of 2^-24 is (m | 2^23) * 2^(e - 126)
+    s = 126 - e
+    if s > 25 or e == 0:  # below 2^-25 (float32 subnormals included): rounds to zero
+        return sign
+    mm = m | 0x800000
+    h = mm >> s
+    rem = mm & ((np.int64(1) << s) - 1)
+    half = np.int64(1) << (s - 1)
+    if rem > half or (rem == half and (h & 1)):
+        h += 1
+    return sign | h
+
+
+@njit(inline="always", cache=True)
+def f16_bits_to_f32(h):
+    """IEEE half bits -> float32 (exact)."""
+    sign = np.uint32((h >> 15) & 1) << np.uint32(31)
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0x1F:
+        return _bits_f32(sign | np.uint32(0x7F800000) | np.uint32(m << 13))
+    if e == 0:
+        v = _F32(m) * _F32(5.960464477539063e-08)  # m * 2^-24, exact
+        return -v if sign else v
+    return _bits_f32(sign | np.uint32((e + 112) << 23) | np.uint32(m << 13))
+
+
+@njit(inline="always", cache=True)
+def round_f16(v):
+    """float32 -> nearest half (ties to even) -> float32."""
+    return f16_bits_to_f32(f32_to_f16_bits(v))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _quantize_rows(x, xq, xd):
+    """Each row of ``x [T, K]`` to q8_0: ``xq`` int8 [T, K], ``xd`` (the half scale as
+    float32) [T, K // 32]; ggml's AVX ``quantize_row_q8_0``."""
+    T, K = x.shape
+    for t in prange(T):
+        xr = x[t]
+        qr = xq[t]
+        for b in range(K // QK):
+            o = b * QK
+            seg = xr[o : o + QK]
+            amax = _F32(0)
+            for j in range(QK):
+                a = abs(seg[j])
+                amax = a if a > amax else amax
+            xd[t, b] = round_f16(amax / _F32(127.0))
+            inv = _F32(127.0) / amax if amax != _F32(0) else _F32(0)
+            qseg = qr[o : o + QK]
+            for j in range(QK):
+                v = np.rint(seg[j] * inv)  # float32 product, then round half to even
+                qseg[j] = np.int8(min(_F32(127.0), max(_F32(-128.0), v)))
+
+
+def quantize_act_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``x [T, K]`` (K a multiple of 32) -> ``(xq int8 [T, K], xd float32 [T, K//32])``
+    exactly as llama.cpp's x86 ``quantize_row_q8_0`` (``xd`` holds the half scale)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if x.ndim != 2 or x.shape[1] == 0 or x.shape[1] % QK:
+        raise ValueError(f"activations must be [T, K] with K a multiple of 32, got {x.shape}")
+    if type(x) is not np.ndarray:
+        x = x.view(np.ndarray)
+    if not x.flags.aligned:
+        x = x.copy()
+    if x.flags.writeable:  # one Numba type (read-only) for every caller
+        x = x.view()
+        x.flags.writeable = False
+    T, K = x.shape
+    xq = np.empty((T, K), np.int8)
+    xd = np.empty((T, K // QK), np.float32)
+    if T:
+        _quantize_rows(x, xq, xd)
+    return xq, xd
+
+
+# ----------------------------------------------------------------------------------------
+# Steps 2-4: tiles of RM weight rows x RN activation rows, as LLVM IR
+# ----------------------------------------------------------------------------------------
+
+_ISA_ORDER = ("generic", "avx2", "vnni")
+
+
+def _detect_isa() -> str:
+    isa = "generic"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        try:
+            from llvmlite import binding as llvm
+
+            f = llvm.get_host_cpu_features()
+        except Exception:  # pragma: no cover
+            f = {}
+        if f.get("avx2", False):
+            isa = "avx2"
+            if f.get("avxvnni", False) or (f.get("avx512vnni", False) and f.get("avx512vl", False)):
+                isa = "vnni"
+    want = os.environ.get("TORCHLESS_GGML_Q8_ISA", "").strip().lower()
+    if want in _ISA_ORDER and _ISA_ORDER.index(want) < _ISA_ORDER.index(isa):
+        isa = want
+    return isa
+
+
+#: integer instruction tier the tiles use (the results do not depend on it). Changing it via
+#: TORCHLESS_GGML_Q8_ISA needs a fresh NUMBA_CACHE_DIR (the cache does not key on it).
+ISA = _detect_isa()
+
+_I1, _I8, _I16, _I32, _I64 = (ir.IntType(n) for n in (1, 8, 16, 32, 64))
+_F = ir.FloatType()
+
+
+def _v(ty, n):
+    return ir.VectorType(ty, n)
+
+
+def _splat(ty, n, val):
+    return ir.Constant(_v(ty, n), [ir.Constant(ty, val)] * n)
+
+
+def _const_vec(ty, vals):
+    return ir.Constant(_v(ty, len(vals)), [ir.Constant(ty, x) for x in vals])
+
+
+def _shuf(b, x, y, idx):
+    return b.shuffle_vector(x, y, _const_vec(_I32, list(idx)))
+
+
+def _call(b, name, ret, args):
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, [a.type for a in args]),
+                                        name)
+    return b.call(fn, args)
+
+
+def _load_vec(b, p, ty, n):
+    """Unaligned load of n ``ty`` at i8* ``p``."""
+    return b.load(b.bitcast(p, _v(ty, n).as_pointer()), align=1)
+
+
+def _gep(b, p, off):
+    return b.gep(p, [off if isinstance(off, ir.Value) else ir.Constant(_I64, off)])
+
+
+def _bcast8(b, f):
+    """float -> <8 x float> with f in every lane."""
+    v = b.insert_element(ir.Constant(_v(_F, 8), None), f, ir.Constant(_I32, 0))
+    return _shuf(b, v, ir.Constant(_v(_F, 8), None), [0] * 8)
+
+
+def _weights_q8_0(b, p):
+    """Signed quants <32 x i8> of the q8_0 block at i8* p."""
+    return _load_vec(b, _gep(b, p, 2), _I8, 32)
+
+
+def _weights_q5_0(b, p):
+    """Signed quants <32 x i8> of the q5_0 block at i8* p: (nibble | bit << 4) - 16, element j
+    < 16 from the low nibble of qs[j], j >= 16 from the high nibble of qs[j - 16], bit j of
+    the little-endian qh word."""
+    qs = _load_vec(b, _gep(b, p, 6), _I8, 16)
+    lo = b.and_(qs, _splat(_I8, 16, 15))
+    hi = b.lshr(qs, _splat(_I8, 16, 4))
+    w = _shuf(b, lo, hi, range(32))
+    qh = _load_vec(b, _gep(b, p, 2), _I8, 4)
+    rep = _shuf(b, qh, qh, [j // 8 for j in range(32)])
+    bit = b.icmp_unsigned("!=", b.and_(rep, _const_vec(_I8, [1 << (j % 8) for j in range(32)])),
+                          _splat(_I8, 32, 0))
+    w = b.or_(w, b.select(bit, _splat(_I8, 32, 16), _splat(_I8, 32, 0)))
+    return b.sub(w, _splat(_I8, 32, 16))
+
+
+_WEIGHTS = {"q8_0": _weights_q8_0, "q5_0": _weights_q5_0}
+
+
+def _prep_w(b, w):
+    """What the dot product needs of a weight vector, computed once per block: (w, |w|)."""
+    if ISA == "generic":
+        return w, b.sext(w, _v(_I32, 32))
+    aw = _call(b, "llvm.abs.v32i8", w.type, [w, ir.Constant(_I1, 0)])
+    return w, aw
+
+
+def _dot(b, wp, x):
+    """<8 x i32>: lane i = sum_{k<4} w[4i+k] * x[4i+k] (exact; x never -128)."""
+    w, aw = wp
+    if ISA == "generic":
+        p = b.mul(aw, b.sext(x, _v(_I32, 32)))
+        acc = None
+        for k in range(4):
+            t = _shuf(b, p, p, range(k, 32, 4))
+            acc = t if acc is None else b.add(acc, t)
+        return acc
+    sx = _call(b, "llvm.x86.avx2.psign.b", x.type, [x, w])  # x * sign(w)
+    v8 = _v(_I32, 8)
+    if ISA == "vnni":
+        return _call(b, "llvm.x86.avx512.vpdpbusd.256", v8,
+                     [_splat(_I32, 8, 0), b.bitcast(aw, v8), b.bitcast(sx, v8)])
+    t = _call(b, "llvm.x86.avx2.pmadd.ub.sw", _v(_I16, 16), [aw, sx])
+    return _call(b, "llvm.x86.avx2.pmadd.wd", v8, [t, _splat(_I16, 16, 1)])
+
+
+def _make_tile(kind: str, RM: int, RN: int):
+    """Intrinsic ``tile(data, r0, xq, xd, t0, out)``: ``out[t, r]`` for the weight rows
+    ``r0 .. r0+RM-1`` and activation rows ``t0 .. t0+RN-1`` (indices past the end are
+    clamped to the last row, so a partial tile recomputes and rewrites valid elements)."""
+    bpb = BLOCK_BYTES[kind]
+    weights = _WEIGHTS[kind]
+
+    def impl(typingctx, data, r0, xq, xd, t0, out):
+        ok = (
+            isinstance(data, types.Array) and data.ndim == 2 and data.dtype == types.uint8
+            and isinstance(xq, types.Array) and xq.ndim == 2 and xq.dtype == types.int8
+            and isinstance(xd, types.Array) and xd.ndim == 2 and xd.dtype == types.float32
+            and isinstance(out, types.Array) and out.ndim == 2 and out.dtype == types.float32
+            and isinstance(r0, types.Integer) and isinstance(t0, types.Integer)
+        )
+        if not ok:
+            return None
+        sig = types.void(data, r0, xq, xd, t0, out)
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            i8p = _I8.as_pointer()
+            arrs = [context.make_array(sig.args[i])(context, b, value=args[i]) for i in (0, 2, 3, 5)]
+            da, qa, ma, oa = arrs
+            rows, _ = cgutils.unpack_tuple(b, da.shape)
+            T, K = cgutils.unpack_tuple(b, qa.shape)
+            ds0 = cgutils.unpack_tuple(b, da.strides)[0]
+            qs0 = cgutils.unpack_tuple(b, qa.strides)[0]
+            ms0 = cgutils.unpack_tuple(b, ma.strides)[0]
+            os0 = cgutils.unpack_tuple(b, oa.strides)[0]
+            r0v = context.cast(b, args[1], sig.args[1], types.intp)
+            t0v = context.cast(b, args[4], sig.args[4], types.intp)
+            one = ir.Constant(r0v.type, 1)
+
+            def clamp(base, k, n):
+                i = b.add(base, ir.Constant(base.type, k))
+                last = b.sub(n, one)
+                return b.select(b.icmp_signed("<", i, n), i, last)
+
+            ridx = [clamp(r0v, i, rows) for i in range(RM)]
+            tidx = [clamp(t0v, j, T) for j in range(RN)]
+            dbase = b.bitcast(da.data, i8p)
+            qbase = b.bitcast(qa.data, i8p)
+            mbase = b.bitcast(ma.data, i8p)
+            obase = b.bitcast(oa.data, i8p)
+            prow = [b.gep(dbase, [b.mul(r, ds0)]) for r in ridx]
+            xrow = [b.gep(qbase, [b.mul(t, qs0)]) for t in tidx]
+            drow = [b.bitcast(b.gep(mbase, [b.mul(t, ms0)]), _F.as_pointer()) for t in tidx]
+            v8f = _v(_F, 8)
+            zero8 = ir.Constant(v8f, [ir.Constant(_F, 0.0)] * 8)
+            accs = [[cgutils.alloca_once_value(b, zero8) for _ in range(RN)] for _ in range(RM)]
+            for row in accs:
+                for a in row:
+                    b.store(zero8, a)
+            nb = b.udiv(K, ir.Constant(K.type, QK))
+            with cgutils.for_range(b, nb) as loop:
+                blk = loop.index
+                woff = b.mul(blk, ir.Constant(blk.type, bpb))
+                xoff = b.mul(blk, ir.Constant(blk.type, QK))
+                xs = [_load_vec(b, b.gep(p, [xoff]), _I8, 32) for p in xrow]
+                xds = [_bcast8(b, b.load(b.gep(p, [blk]))) for p in drow]
+                for i in range(RM):
+                    pb = b.gep(prow[i], [woff])
+                    _prefetch_ir(b, b.gep(pb, [ir.Constant(_I64, PREFETCH_BYTES)]))
+                    wp = _prep_w(b, weights(b, pb))
+                    h = b.load(b.bitcast(pb, _I16.as_pointer()), align=1)
+                    dw = _bcast8(b, b.fpext(b.bitcast(h, ir.HalfType()), _F))
+                    for j in range(RN):
+                        lanes = b.sitofp(_dot(b, wp, xs[j]), v8f)
+                        sv = b.fmul(dw, xds[j])  # d_w * d_x in every lane
+                        acc = accs[i][j]
+                        b.store(_call(b, "llvm.fma.v8f32", v8f, [sv, lanes, b.load(acc)]), acc)
+            for i in range(RM):
+                for j in range(RN):
+                    res = _lane_tree(b, b.load(accs[i][j]))
+                    off = b.add(b.mul(tidx[j], os0), b.mul(ridx[i], ir.Constant(os0.type, 4)))
+                    b.store(res, b.bitcast(b.gep(obase, [off]), _F.as_pointer()))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = f"_tile_{kind}_{RM}x{RN}"
+    return intrinsic(impl)
+
+
+# Tile shapes: decode (one activation row) streams RM1 weight rows at once; batches use
+# RM x RN tiles, the remaining activation rows (T % RN) one at a time.
+RM1 = 4
+RM, RN = 4, 4
+_CHUNK = 64  # weight rows per parallel work item (a multiple of RM and RM1)
+
+_tile_q8_0_1 = _make_tile("q8_0", RM1, 1)
+_tile_q5_0_1 = _make_tile("q5_0", RM1, 1)
+_tile_q8_0_n = _make_tile("q8_0", RM, RN)
+_tile_q5_0_n = _make_tile("q5_0", RM, RN)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_kernel(data, kind, xq, xd, out):
+    rows = data.shape[0]
+    T = xq.shape[0]
+    nfull = T // RN * RN
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        lo = ch * _CHUNK
+        hi = min(rows, lo + _CHUNK)
+        for t0 in range(0, nfull, RN):
+            for r0 in range(lo, hi, RM):
+                if kind == 0:
+                    _tile_q8_0_n(data, r0, xq, xd, t0, out)
+                else:
+                    _tile_q5_0_n(data, r0, xq, xd, t0, out)
+        for t0 in range(nfull, T):
+            for r0 in range(lo, hi, RM1):
+                if kind == 0:
+                    _tile_q8_0_1(data, r0, xq, xd, t0, out)
+                else:
+                    _tile_q5_0_1(data, r0, xq, xd, t0, out)
+
+
+# ----------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------
+
+
+def _weights(raw, kind):
+    if kind not in BLOCK_BYTES:
+        raise ValueError(f"kind must be one of {sorted(BLOCK_BYTES)}, got {kind!r}")
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % BLOCK_BYTES[kind]:
+        raise ValueError(f"{kind} weights must be uint8 [rows, k*{BLOCK_BYTES[kind]}], "
+                         f"got {raw.dtype} {raw.shape}")
+    if type(raw) is not np.ndarray or not raw.flags.c_contiguous:
+        raw = np.ascontiguousarray(raw).view(np.ndarray)
+    if raw.flags.writeable:  # one Numba type (read-only) for every caller
+        raw = raw.view()
+        raw.flags.writeable = False
+    return raw
+
+
+def matmul_q8_family_act(raw: np.ndarray, kind: str, xq: np.ndarray, xd: np.ndarray,
+                         out: np.ndarray | None = None) -> np.ndarray:
+    """As :func:`matmul_q8_family` with the activations already quantized
+    (``(xq, xd) = quantize_act_q8_0(x)``; e.g. one quantization shared by Q, K and V)."""
+    raw = _weights(raw, kind)
+    rows = raw.shape[0]
+    K = raw.shape[1] // BLOCK_BYTES[kind] * QK
+    if xq.dtype != np.int8 or xq.ndim != 2 or xq.shape[1] != K or not xq.flags.c_contiguous:
+        raise ValueError(f"xq must be C-contiguous int8 [T, {K}], got {xq.dtype} {xq.shape}")
+    T = xq.shape[0]
+    if xd.dtype != np.float32 or xd.shape != (T, K // QK) or not xd.flags.c_contiguous:
+        raise ValueError(f"xd must be C-contiguous float32 [{T}, {K // QK}]")
+    if out is None:
+        out = np.empty((T, rows), np.float32)
+    elif (out.dtype != np.float32 or out.shape != (T, rows) or not out.flags.c_contiguous
+          or not out.flags.writeable):
+        raise ValueError(f"out must be a writeable C-contiguous float32 [{T}, {rows}]")
+    if T and rows:
+        if not xq.flags.writeable or not xd.flags.writeable:  # keep one specialisation
+            xq, xd = xq.copy(), xd.copy()
+        _matmul_kernel(raw, _KIND_ID[kind], xq, xd, out)
+    return out
+
+
+def matmul_q8_family(raw: np.ndarray, kind: str, x: np.ndarray,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """``dst[t, r] = W[r] . x[t]`` for a Q5_0 / Q8_0 weight ``raw`` (uint8 [rows, bytes_per_row],
+    GGUF blocks) and float32 ``x [T, K]``, bit-identical to llama.cpp's MUL_MAT on this x86
+    build for every ``T`` (see the module docstring for the order of operations). A 1-D ``x``
+    is one row and gives a 1-D result."""
+    x = np.asarray(x)
+    one = x.ndim == 1
+    xq, xd = quantize_act_q8_0(x)
+    res = matmul_q8_family_act(raw, kind, xq, xd, out)
+    return res[0] if one else res
