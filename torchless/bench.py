@@ -82,7 +82,7 @@ def _decode_time(model, state, tok: int, n: int) -> float:
 def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
               threads: int | None = None, quantize: str | None = None, lazy: bool = False,
               bandwidth: float | None = None, act_quant: bool | None = None,
-              prefill_repeats: int = 3) -> dict:
+              prefill_repeats: int = 3, numerics: str = "torchless") -> dict:
     from .loader import ModelLoader
     from .threads import set_num_threads
 
@@ -93,7 +93,7 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         model_path = default_model_path()
     t0 = time.perf_counter()
     model = ModelLoader.load_auto(model_path, lazy=lazy, quantize=quantize,
-                                  act_quant=act_quant)
+                                  act_quant=act_quant, numerics=numerics)
     load_s = time.perf_counter() - t0
     rss_after_load = current_rss_mb()
     V = model.config.vocab_size
@@ -132,6 +132,7 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         "weights": quantize or sorted({w.kind for L in model.layers for w in L.w.values()}),
         "threads": n_threads,
         "act_quant": model.act_quant,
+        "numerics": model.numerics,
         "load_s": _sig(load_s),
         "first_token_s": _sig(first_token_s),
         "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 2),

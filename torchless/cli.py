@@ -97,7 +97,7 @@ def cmd_bench(args) -> int:
 
     result = run_bench(args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                        threads=args.threads, quantize=args.quantize, lazy=args.lazy,
-                       act_quant=args.act_quant)
+                       act_quant=args.act_quant, numerics=args.numerics)
     if args.json:
         print(json.dumps(result))
     else:
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     b.add_argument("--lazy", action="store_true")
     b.add_argument("--act-quant", action=argparse.BooleanOptionalAction, default=None,
                    help="8-bit activations for quantized weights (default: on for them)")
+    b.add_argument("--numerics", choices=["torchless", "llama.cpp"], default="torchless")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -78,6 +78,7 @@ _TILED_MIN_T = 8  # ggml_tiled_min_batch: Q6_K takes the tiled path from 8 batch
 _TV = 16  # batch rows per transposed chunk (vector lanes)
 _RG = 16  # output rows per parallel work item
 _EMPTY3 = np.zeros((0, 0, 0), np.float32)
+_EMPTY3I = np.zeros((0, 0, 0), np.int16)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,61 +209,81 @@ def _is_f32(t, ndim):
 
 
 # ---------------------------------------------------------------------------------------
-# Sub-block products (exact integers held in float32)
+# Batch rows 16 at a time (ggml's gemm / tiled rows): int16 activation codes in chunks of
+# 16 batch rows, laid out [K/2, 16, 2] (two consecutive elements of each row side by side),
+# against int16 weights pre-multiplied by their sub-block scale; vpmaddwd-shaped products.
 # ---------------------------------------------------------------------------------------
 
+_I8T = ir.IntType(8)
+_I16T = ir.IntType(16)
 
-def _make_chunk_subdots(sub):
-    """(w [K], xc [K, 16], d [K/sub, 16]): d[j, :] = sum_{l<sub} w[e] * xc[e, :], e = j*sub+l
-    (16 batch rows at once, no sums across lanes)."""
+
+def _is_arr(t, ndim, dtype):
+    return isinstance(t, types.Array) and t.ndim == ndim and t.dtype == dtype and t.layout == "C"
+
+
+def _pmadd(builder, a, b):
+    """<2n x i16> a, b -> <n x i32>: lane k = a[2k]*b[2k] + a[2k+1]*b[2k+1] (vpmaddwd)."""
+    n2 = a.type.count
+    v32 = _vty(n2, _I32T)
+    p = builder.mul(builder.sext(a, v32), builder.sext(b, v32))
+    return _pairsum_i(builder, p)
+
+
+def _make_chunk_isums(run):
+    """(ws [K] int16, xc [K/2, 32] int16, S [K/run, 16] int32):
+    S[j, r] = sum over elements e of run j of ws[e] * x[r, e] (exact int32)."""
 
     @intrinsic
-    def chunk_subdots(typingctx, w, xc, d):
-        if not (_is_f32(w, 1) and _is_f32(xc, 2) and _is_f32(d, 2)):
+    def chunk_isums(typingctx, ws, xc, S):
+        if not (_is_arr(ws, 1, types.int16) and _is_arr(xc, 2, types.int16)
+                and _is_arr(S, 2, types.int32)):
             return None
-        sig = types.void(w, xc, d)
+        sig = types.void(ws, xc, S)
 
         def codegen(context, builder, signature, args):
-            wp, xp, dp = _ptrs(context, builder, signature, args)
+            wp, xp, sp = _ptrs(context, builder, signature, args)
             K = _len(context, builder, signature, args, 0)
-            with cgutils.for_range(builder, builder.udiv(K, _c(sub))) as loop:
-                e0 = builder.mul(loop.index, _c(sub))
+            wp32 = builder.bitcast(wp, _I32T.as_pointer())  # weight pairs
+            v16i = _vty(_TV, _I32T)
+            xvp = builder.bitcast(xp, _vty(2 * _TV, _I16T).as_pointer())  # one pair of 16 rows
+            with cgutils.for_range(builder, builder.udiv(K, _c(run))) as loop:
+                k0 = builder.mul(loop.index, _c(run // 2))
+                wbase = builder.gep(wp32, [k0])
+                xbase = builder.gep(xvp, [k0])
                 acc = None
-                for l in range(sub):  # unrolled
-                    e = builder.add(e0, _c(l))
-                    p = builder.fmul(_splat(builder, builder.load(builder.gep(wp, [e])), _TV),
-                                     _vload(builder, builder.gep(xp, [builder.mul(e, _c(_TV))]), _TV))
-                    acc = p if acc is None else builder.fadd(acc, p)
-                _vstore(builder, builder.gep(dp, [builder.mul(loop.index, _c(_TV))]), acc)
+                for k in range(run // 2):  # unrolled
+                    wv = builder.bitcast(_splat(builder, builder.load(builder.gep(wbase, [_c(k)]), align=2), _TV),
+                                         _vty(2 * _TV, _I16T))
+                    p = _pmadd(builder, wv, builder.load(builder.gep(xbase, [_c(k)]), align=2))
+                    acc = p if acc is None else builder.add(acc, p)
+                sptr = builder.bitcast(builder.gep(sp, [builder.mul(loop.index, _c(_TV))]),
+                                       v16i.as_pointer())
+                builder.store(acc, sptr, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    return chunk_subdots
+    return chunk_isums
 
 
-_chunk_subdots32 = _make_chunk_subdots(32)
-_chunk_subdots4 = _make_chunk_subdots(4)
-
-
-# ---------------------------------------------------------------------------------------
-# ggml's float accumulations
-# ---------------------------------------------------------------------------------------
+_chunk_isums64 = _make_chunk_isums(64)  # Q4_K: pairs of 32-sub-blocks
+_chunk_isums256 = _make_chunk_isums(256)  # Q6_K: superblocks
 
 
 @intrinsic
-def _q4k_gemm16(typingctx, D, sc, mn, dw, dm, xd, xb, res):
+def _q4k_gemm16(typingctx, S, mn, dw, dm, xd, xb, res):
     """ggml_gemm_q4_K_8x8_q8_K for one weight row and 16 batch rows (lanes).
-    D [K/32, 16] sub-block dots, sc/mn [K/32] scales/mins, dw/dm [nb] d/dmin,
-    xd [nb, 16] activation d, xb [K/32, 16] activation code sums -> res [16]."""
-    if not (all(_is_f32(a, 2) for a in (D, xd, xb))
-            and all(_is_f32(a, 1) for a in (sc, mn, dw, dm, res))):
+    S [K/64, 16] int32 sc-weighted dots of the sub-block pairs, mn [K/32] mins, dw/dm [nb]
+    d/dmin, xd [nb, 16] activation d, xb [K/32, 16] activation code sums -> res [16]."""
+    if not (_is_arr(S, 2, types.int32) and _is_f32(xd, 2) and _is_f32(xb, 2)
+            and all(_is_f32(a, 1) for a in (mn, dw, dm, res))):
         return None
-    sig = types.void(D, sc, mn, dw, dm, xd, xb, res)
+    sig = types.void(S, mn, dw, dm, xd, xb, res)
 
     def codegen(context, builder, signature, args):
-        Dp, scp, mnp, dwp, dmp, xdp, xbp, resp = _ptrs(context, builder, signature, args)
-        nb = _len(context, builder, signature, args, 3)
+        Sp, mnp, dwp, dmp, xdp, xbp, resp = _ptrs(context, builder, signature, args)
+        nb = _len(context, builder, signature, args, 2)
         accp = cgutils.alloca_once_value(builder, _zeros(_TV))
         accmp = cgutils.alloca_once_value(builder, _zeros(_TV))
 
@@ -279,13 +300,14 @@ def _q4k_gemm16(typingctx, D, sc, mn, dw, dm, xd, xb, res):
             ddm = builder.fmul(bcast(dmp, b), xdv)
             acc, accm = builder.load(accp), builder.load(accmp)
             for q in range(4):  # pairs of sub-blocks
-                ja = builder.add(builder.mul(b, _c(8)), _c(2 * q))
+                jp = builder.add(builder.mul(b, _c(4)), _c(q))
+                sptr = builder.bitcast(builder.gep(Sp, [builder.mul(jp, _c(_TV))]),
+                                       _vty(_TV, _I32T).as_pointer())
+                isum = builder.sitofp(builder.load(sptr, align=4), _vty(_TV))
+                ja = builder.mul(jp, _c(2))
                 jb = builder.add(ja, _c(1))
-                # exact: |sc*dot| < 2^22, |mn*bs| < 2^18
-                isum = builder.fadd(builder.fmul(bcast(scp, ja), row(Dp, ja)),
-                                    builder.fmul(bcast(scp, jb), row(Dp, jb)))
                 msum = builder.fadd(builder.fmul(bcast(mnp, ja), row(xbp, ja)),
-                                    builder.fmul(bcast(mnp, jb), row(xbp, jb)))
+                                    builder.fmul(bcast(mnp, jb), row(xbp, jb)))  # exact: < 2^19
                 acc = _fma(builder, isum, dd, acc)
                 accm = _fma(builder, msum, ddm, accm)
             builder.store(acc, accp)
@@ -297,49 +319,35 @@ def _q4k_gemm16(typingctx, D, sc, mn, dw, dm, xd, xb, res):
 
 
 @intrinsic
-def _q6k_tiled16(typingctx, Q, sc, dw, xd, bs, res):
+def _q6k_tiled16(typingctx, S, dw, xd, res):
     """ggml's tiled Q6_K kernel for one weight row and 16 batch rows (lanes).
-    Q [K/4, 16] sums of 4 products (unsigned codes), sc [K/16] scales, dw [nb],
-    xd [nb, 16], bs [K/16, 16] activation bsums -> res [16]."""
-    if not (all(_is_f32(a, 2) for a in (Q, xd, bs)) and all(_is_f32(a, 1) for a in (sc, dw, res))):
+    S [nb, 16] int32 per superblock sum of sc * (u - 32) * q8, dw [nb], xd [nb, 16] -> res."""
+    if not (_is_arr(S, 2, types.int32) and _is_f32(xd, 2) and _is_f32(dw, 1) and _is_f32(res, 1)):
         return None
-    sig = types.void(Q, sc, dw, xd, bs, res)
+    sig = types.void(S, dw, xd, res)
 
     def codegen(context, builder, signature, args):
-        Qp, scp, dwp, xdp, bsp, resp = _ptrs(context, builder, signature, args)
-        nb = _len(context, builder, signature, args, 2)
-        vi = _vty(_TV, _I32T)
+        Sp, dwp, xdp, resp = _ptrs(context, builder, signature, args)
+        nb = _len(context, builder, signature, args, 1)
         accp = cgutils.alloca_once_value(builder, _zeros(_TV))
-        c32 = _splat(builder, ir.Constant(_F32T, 32.0), _TV)
-
-        def row(ptr, j):
-            return _vload(builder, builder.gep(ptr, [builder.mul(j, _c(_TV))]), _TV)
-
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
-            S = _zeros(_TV, _I32T)
-            for s in range(16):  # unrolled
-                k = builder.add(builder.mul(b, _c(16)), _c(s))
-                k4 = builder.mul(k, _c(4))
-                q = [row(Qp, builder.add(k4, _c(i))) for i in range(4)]
-                raw = builder.fadd(builder.fadd(q[0], q[1]), builder.fadd(q[2], q[3]))
-                raw = builder.fsub(raw, builder.fmul(c32, row(bsp, k)))  # exact, < 2^17
-                sck = builder.fptosi(builder.load(builder.gep(scp, [k])), _I32T)
-                S = builder.add(S, builder.mul(builder.fptosi(raw, vi), _splat(builder, sck, _TV)))
-            r = builder.fmul(builder.sitofp(S, _vty(_TV)),
+            off = builder.mul(b, _c(_TV))
+            sv = builder.load(builder.bitcast(builder.gep(Sp, [off]), _vty(_TV, _I32T).as_pointer()), align=4)
+            r = builder.fmul(builder.sitofp(sv, _vty(_TV)),
                              _splat(builder, builder.load(builder.gep(dwp, [b])), _TV))
-            builder.store(_fma(builder, r, row(xdp, b), builder.load(accp)), accp)
+            acc = _fma(builder, r, _vload(builder, builder.gep(xdp, [off]), _TV), builder.load(accp))
+            builder.store(acc, accp)
         _vstore(builder, resp, builder.load(accp))
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-# Row kernels straight from the GGUF bytes (one weight row, one batch row): integer SIMD
-# on the 4/6-bit codes and the int8 activation codes, exact int32 sums.
-
-_I8T = ir.IntType(8)
-_I16T = ir.IntType(16)
+# ---------------------------------------------------------------------------------------
+# Row kernels straight from the GGUF bytes (one weight row, one batch row: ggml's gemv and
+# vec_dot rows): integer SIMD on the 4/6-bit codes and the int8 activation codes.
+# ---------------------------------------------------------------------------------------
 
 
 def _bload(builder, ptr, off, n=32):
@@ -349,10 +357,6 @@ def _bload(builder, ptr, off, n=32):
 
 def _bconst(v, n=32):
     return ir.Constant(_vty(n, _I8T), [ir.Constant(_I8T, v)] * n)
-
-
-def _is_1d(t, dtype):
-    return isinstance(t, types.Array) and t.ndim == 1 and t.dtype == dtype and t.layout == "C"
 
 
 def _madd32(builder, w8, scale, x8):
@@ -371,7 +375,7 @@ def _madd32(builder, w8, scale, x8):
 def _q4k_gemv_raw(typingctx, wrow, x, sc, mn, dw, dm, xd, xb):
     """ggml_gemv_q4_K_8x8_q8_K for one weight row (GGUF bytes) and one batch row (int8
     codes x [K]); sc/mn [K/32], dw/dm [nb] decoded scales, xd [nb], xb [K/32] code sums."""
-    if not (_is_1d(wrow, types.uint8) and _is_1d(x, types.int8)
+    if not (_is_arr(wrow, 1, types.uint8) and _is_arr(x, 1, types.int8)
             and all(_is_f32(a, 1) for a in (sc, mn, dw, dm, xd, xb))):
         return None
     sig = types.float32(wrow, x, sc, mn, dw, dm, xd, xb)
@@ -418,7 +422,7 @@ def _q4k_gemv_raw(typingctx, wrow, x, sc, mn, dw, dm, xd, xb):
 def _q6k_vecdot_raw(typingctx, wrow, x, sc, dw, xd, bs):
     """ggml_vec_dot_q6_K_q8_K (AVX2 branch) for one weight row (GGUF bytes) and one batch
     row (int8 codes x [K]); sc [K/16], dw [nb] decoded, xd [nb], bs [K/16] bsums."""
-    if not (_is_1d(wrow, types.uint8) and _is_1d(x, types.int8)
+    if not (_is_arr(wrow, 1, types.uint8) and _is_arr(x, 1, types.int8)
             and all(_is_f32(a, 1) for a in (sc, dw, xd, bs))):
         return None
     sig = types.float32(wrow, x, sc, dw, xd, bs)
@@ -484,10 +488,10 @@ def _f16_at(raw, r, o):
 
 @njit(cache=True, parallel=True)
 def _q4k_kernel(raw, X8, XC, xd, xb, xdc, xbc, out):
-    """X8 [T, K]: int8 activation codes; xd [T, nb]: their d; xb [T, K/32]: code sums per
-    32. XC [nc, K, 16], xdc [nc, nb, 16], xbc [nc, K/32, 16]: the first 4*(T//4) batch rows
-    (ggml's gemm rows) as float32, chunked and transposed, zero-padded (empty for T < 4).
-    The other batch rows take ggml's gemv."""
+    """X8 [T, K] int8 activation codes, xd [T, nb] their d, xb [T, K/32] their sums per 32.
+    XC [nc, K/2, 32] int16, xdc [nc, nb, 16], xbc [nc, K/32, 16]: the first 4*(T//4) batch
+    rows (ggml's gemm rows) in chunks of 16 (see _chunked), empty for T < 4; the other
+    batch rows take ggml's gemv."""
     R = raw.shape[0]
     T = X8.shape[0]
     nb = xd.shape[1]
@@ -519,23 +523,25 @@ def _q4k_kernel(raw, X8, XC, xd, xb, xdc, xbc, out):
                     SC[i, b * _U(8) + j] = s
                     MN[i, b * _U(8) + j] = m
         if n_gemm > 0:
-            W = np.empty((nr, K), np.float32)  # 4-bit codes
+            WS = np.empty((nr, K), np.int16)  # code * sub-block scale (< 2^10)
             for i in range(_U(nr)):
                 ru = _U(r0) + i
                 for b in range(_U(nb)):
                     o = b * _U(144) + _U(16)
                     ow = b * _U(QK_K)
                     for h in range(_U(4)):
+                        sa = np.int16(SC[i, b * _U(8) + _U(2) * h])
+                        sb = np.int16(SC[i, b * _U(8) + _U(2) * h + _U(1)])
                         for l in range(_U(32)):
                             byte = raw[ru, o + _U(32) * h + l]
-                            W[i, ow + _U(64) * h + l] = byte & np.uint8(15)
-                            W[i, ow + _U(64) * h + _U(32) + l] = byte >> np.uint8(4)
-            D = np.empty((nsub, _TV), np.float32)
+                            WS[i, ow + _U(64) * h + l] = np.int16(byte & np.uint8(15)) * sa
+                            WS[i, ow + _U(64) * h + _U(32) + l] = np.int16(byte >> np.uint8(4)) * sb
+            S = np.empty((K // 64, _TV), np.int32)
             res = np.empty(_TV, np.float32)
             for c in range(XC.shape[0]):
                 for i in range(nr):
-                    _chunk_subdots32(W[i], XC[c], D)
-                    _q4k_gemm16(D, SC[i], MN[i], DW[i], DM[i], xdc[c], xbc[c], res)
+                    _chunk_isums64(WS[i], XC[c], S)
+                    _q4k_gemm16(S, MN[i], DW[i], DM[i], xdc[c], xbc[c], res)
                     for lane in range(min(_TV, n_gemm - c * _TV)):
                         out[c * _TV + lane, r0 + i] = res[lane]
         for t in range(n_gemm, T):
@@ -566,27 +572,39 @@ def _q6k_kernel(raw, X8, XC, xd, xs, xdc, xsc, out):
                 for s in range(_U(16)):
                     SC[i, b * _U(16) + s] = np.int8(raw[ru, o + _U(192) + s])
         if XC.shape[0] > 0:
-            W = np.empty((nr, K), np.float32)  # unsigned 6-bit codes 0..63
+            WS = np.empty((nr, K), np.int16)  # (code - 32) * sub-block scale (|.| <= 2^12)
             for i in range(_U(nr)):
                 ru = _U(r0) + i
                 for b in range(_U(nb)):
                     o = b * _U(210)
                     for h in range(_U(2)):
-                        e0 = b * _U(QK_K) + _U(128) * h
-                        for l in range(_U(32)):
-                            ql0 = raw[ru, o + _U(64) * h + l]
-                            ql1 = raw[ru, o + _U(64) * h + _U(32) + l]
-                            qh = raw[ru, o + _U(128) + _U(32) * h + l]
-                            W[i, e0 + l] = (ql0 & np.uint8(15)) | ((qh & np.uint8(3)) << np.uint8(4))
-                            W[i, e0 + _U(32) + l] = (ql1 & np.uint8(15)) | (((qh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))
-                            W[i, e0 + _U(64) + l] = (ql0 >> np.uint8(4)) | (((qh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4))
-                            W[i, e0 + _U(96) + l] = (ql1 >> np.uint8(4)) | ((qh >> np.uint8(6)) << np.uint8(4))
-            Q = np.empty((K // 4, _TV), np.float32)
+                        for hs in range(_U(2)):  # the two 16-sub-blocks of each run of 32
+                            e0 = b * _U(QK_K) + _U(128) * h + _U(16) * hs
+                            s0 = b * _U(16) + _U(8) * h + hs
+                            c0 = np.int16(SC[i, s0])
+                            c1 = np.int16(SC[i, s0 + _U(2)])
+                            c2 = np.int16(SC[i, s0 + _U(4)])
+                            c3 = np.int16(SC[i, s0 + _U(6)])
+                            oq = o + _U(64) * h + _U(16) * hs
+                            oh = o + _U(128) + _U(32) * h + _U(16) * hs
+                            for l in range(_U(16)):
+                                ql0 = raw[ru, oq + l]
+                                ql1 = raw[ru, oq + _U(32) + l]
+                                qh = raw[ru, oh + l]
+                                u0 = (ql0 & np.uint8(15)) | ((qh & np.uint8(3)) << np.uint8(4))
+                                u1 = (ql1 & np.uint8(15)) | (((qh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))
+                                u2 = (ql0 >> np.uint8(4)) | (((qh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4))
+                                u3 = (ql1 >> np.uint8(4)) | ((qh >> np.uint8(6)) << np.uint8(4))
+                                WS[i, e0 + l] = (np.int16(u0) - np.int16(32)) * c0
+                                WS[i, e0 + _U(32) + l] = (np.int16(u1) - np.int16(32)) * c1
+                                WS[i, e0 + _U(64) + l] = (np.int16(u2) - np.int16(32)) * c2
+                                WS[i, e0 + _U(96) + l] = (np.int16(u3) - np.int16(32)) * c3
+            S = np.empty((nb, _TV), np.int32)
             res = np.empty(_TV, np.float32)
             for c in range(XC.shape[0]):
                 for i in range(nr):
-                    _chunk_subdots4(W[i], XC[c], Q)
-                    _q6k_tiled16(Q, SC[i], DW[i], xdc[c], xsc[c], res)
+                    _chunk_isums256(WS[i], XC[c], S)
+                    _q6k_tiled16(S, DW[i], xdc[c], res)
                     for lane in range(min(_TV, T - c * _TV)):
                         out[c * _TV + lane, r0 + i] = res[lane]
         else:
@@ -613,6 +631,17 @@ def _chunked(a: np.ndarray) -> np.ndarray:
     out = np.zeros((nc * _TV, m), np.float32)
     out[:n] = a
     return np.ascontiguousarray(out.reshape(nc, _TV, m).transpose(0, 2, 1))
+
+
+def _chunked_codes(qs: np.ndarray) -> np.ndarray:
+    """int8 codes [n, K] -> int16 [ceil(n/16), K/2, 32]: chunks of 16 rows, element pairs
+    (2k, 2k+1) of the 16 rows side by side (row r at 2r, 2r+1), zero-padded."""
+    n, K = qs.shape
+    nc = -(-n // _TV)
+    out = np.zeros((nc * _TV, K), np.int16)
+    out[:n] = qs
+    out = out.reshape(nc, _TV, K // 2, 2).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(out).reshape(nc, K // 2, 2 * _TV)
 
 
 def quantize_q8k(x: np.ndarray):
@@ -652,15 +681,15 @@ def matmul_k_family(raw: np.ndarray, kind: str, x: np.ndarray) -> np.ndarray:
         xs = bsums.reshape(T, -1, 2).sum(axis=2).astype(np.float32)  # code sums per 32
         n_gemm = (T // 4) * 4  # ggml's gemm takes the rows in whole groups of 4
         if n_gemm:
-            XC, xdc, xsc = _chunked(qs[:n_gemm]), _chunked(xd[:n_gemm]), _chunked(xs[:n_gemm])
+            XC, xdc, xsc = _chunked_codes(qs[:n_gemm]), _chunked(xd[:n_gemm]), _chunked(xs[:n_gemm])
         else:
-            XC = xdc = xsc = _EMPTY3
+            XC, xdc, xsc = _EMPTY3I, _EMPTY3, _EMPTY3
         _q4k_kernel(raw, qs, XC, xd, xs, xdc, xsc, out)
     else:
         xs = bsums.astype(np.float32)  # code sums per 16
         if T >= _TILED_MIN_T:
-            XC, xdc, xsc = _chunked(qs), _chunked(xd), _chunked(xs)
+            XC, xdc, xsc = _chunked_codes(qs), _chunked(xd), _chunked(xs)
         else:
-            XC = xdc = xsc = _EMPTY3
+            XC, xdc, xsc = _EMPTY3I, _EMPTY3, _EMPTY3
         _q6k_kernel(raw, qs, XC, xd, xs, xdc, xsc, out)
     return out
