@@ -326,7 +326,8 @@ def _make_tile(kind: str, RM: int, RN: int):
         def codegen(context, builder, sig, args):
             b = builder
             i8p = _I8.as_pointer()
-            arrs = [context.make_array(sig.args[i])(context, b, value=args[i]) for i in (0, 2, 3, 5)]
+            arrs = [context.make_array(sig.args[i])(context, b, value=args[i])
+                    for i in (0, 2, 3, 5)]
             da, qa, ma, oa = arrs
             rows, _ = cgutils.unpack_tuple(b, da.shape)
             T, K = cgutils.unpack_tuple(b, qa.shape)

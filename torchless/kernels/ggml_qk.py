@@ -50,16 +50,17 @@ path (ggml-cpu/tiled), taken when src1 has >= 8 rows:
 
 How it is computed here
 -----------------------
-The integer parts are computed in float32 on integer values: a product of a weight code
-(0..63) and an activation code (|q| <= 127) is exact and so is every partial sum of a
-sub-block (|sum| < 2^24) whatever the order, so these are vectorised freely; sums that can
-pass 2^24 are formed in int32. Converting such an exact sum to float32 rounds to nearest
-even, as vcvtdq2ps does. Only ggml's float operations are kept in ggml's order (explicit
-fma, no contraction, no reassociation). The vector code is LLVM IR (llvmlite intrinsics):
-Numba's own loops here do not vectorise. Weights are decoded from the GGUF blocks on every
-call (groups of _RG output rows per parallel work item). Rows that ggml sends through its
-gemm / tiled kernels (T >= 4 resp. T >= 8) are done 16 at a time against transposed chunks
-of the activation codes ([K, 16], vector lanes = batch rows); the others row by row.
+All integer parts (code x code products, their sums and the scale multiplications) are
+done in exact integer SIMD arithmetic, written as LLVM IR through llvmlite intrinsics
+(Numba's own loops do not vectorise here); every integer sum ggml forms fits int32, and its
+conversion to float32 rounds to nearest even like vcvtdq2ps. The float operations are
+exactly ggml's, in ggml's order (explicit fma, no contraction, no reassociation).
+Weights are decoded from the GGUF bytes on every call, _RG output rows per parallel work
+item. Batch rows that ggml runs through its gemv / vec_dot (T % 4 trailing rows resp. all
+rows for T < 8, and T = 1) are computed row by row straight from the GGUF bytes and the int8
+activation codes. Rows that ggml runs through its gemm / tiled kernels are computed 16 at a
+time (vector lanes = batch rows) from int16 weights pre-multiplied by their sub-block scale
+and the activation codes of 16 rows laid out [K/2, 16, 2] (vpmaddwd-shaped products).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .bits import f16_to_f32, fma32
+from .bits import f16_to_f32
 
 QK_K = 256
 _BLOCK_BYTES = {"q4_k": 144, "q6_k": 210}
@@ -253,8 +254,8 @@ def _make_chunk_isums(run):
                 xbase = builder.gep(xvp, [k0])
                 acc = None
                 for k in range(run // 2):  # unrolled
-                    wv = builder.bitcast(_splat(builder, builder.load(builder.gep(wbase, [_c(k)]), align=2), _TV),
-                                         _vty(2 * _TV, _I16T))
+                    wpair = builder.load(builder.gep(wbase, [_c(k)]), align=2)
+                    wv = builder.bitcast(_splat(builder, wpair, _TV), _vty(2 * _TV, _I16T))
                     p = _pmadd(builder, wv, builder.load(builder.gep(xbase, [_c(k)]), align=2))
                     acc = p if acc is None else builder.add(acc, p)
                 sptr = builder.bitcast(builder.gep(sp, [builder.mul(loop.index, _c(_TV))]),
@@ -333,10 +334,12 @@ def _q6k_tiled16(typingctx, S, dw, xd, res):
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
             off = builder.mul(b, _c(_TV))
-            sv = builder.load(builder.bitcast(builder.gep(Sp, [off]), _vty(_TV, _I32T).as_pointer()), align=4)
+            sptr = builder.bitcast(builder.gep(Sp, [off]), _vty(_TV, _I32T).as_pointer())
+            sv = builder.load(sptr, align=4)
             r = builder.fmul(builder.sitofp(sv, _vty(_TV)),
                              _splat(builder, builder.load(builder.gep(dwp, [b])), _TV))
-            acc = _fma(builder, r, _vload(builder, builder.gep(xdp, [off]), _TV), builder.load(accp))
+            xdv = _vload(builder, builder.gep(xdp, [off]), _TV)
+            acc = _fma(builder, r, xdv, builder.load(accp))
             builder.store(acc, accp)
         _vstore(builder, resp, builder.load(accp))
         return context.get_dummy_value()
@@ -352,7 +355,8 @@ def _q6k_tiled16(typingctx, S, dw, xd, res):
 
 def _bload(builder, ptr, off, n=32):
     """<n x i8> at byte ``off`` of ``ptr``."""
-    return builder.load(builder.bitcast(builder.gep(ptr, [off]), _vty(n, _I8T).as_pointer()), align=1)
+    vptr = builder.bitcast(builder.gep(ptr, [off]), _vty(n, _I8T).as_pointer())
+    return builder.load(vptr, align=1)
 
 
 def _bconst(v, n=32):
@@ -411,8 +415,10 @@ def _q4k_gemv_raw(typingctx, wrow, x, sc, mn, dw, dm, xd, xb):
             xdb = builder.load(builder.gep(xdp, [b]))
             dd = builder.fmul(builder.load(builder.gep(dwp, [b])), xdb)
             ddm = builder.fmul(builder.load(builder.gep(dmp, [b])), xdb)
-            builder.store(_fma(builder, builder.sitofp(isum, _F32T), dd, builder.load(accp)), accp)
-            builder.store(_fma(builder, builder.sitofp(msum, _F32T), ddm, builder.load(accmp)), accmp)
+            acc = _fma(builder, builder.sitofp(isum, _F32T), dd, builder.load(accp))
+            accm = _fma(builder, builder.sitofp(msum, _F32T), ddm, builder.load(accmp))
+            builder.store(acc, accp)
+            builder.store(accm, accmp)
         return builder.fsub(builder.load(accp), builder.load(accmp))
 
     return sig, codegen
@@ -439,21 +445,21 @@ def _q6k_vecdot_raw(typingctx, wrow, x, sc, dw, xd, bs):
             xb0 = builder.mul(b, _c(QK_K))
             s0 = builder.mul(b, _c(16))
             scv = _vload(builder, builder.gep(scp, [s0]), 16)
-            sci = builder.fptosi(scv, _vty(16, _I32T))
             sc16 = builder.fptosi(scv, _vty(16, _I16T))
             acc = _zeros(16, _I32T)  # lane k: positions 2k, 2k+1 of every 32-run, sum of sc*u*q8
             for h in range(2):
                 ql0 = _bload(builder, wp, builder.add(wb, _c(64 * h)))
                 ql1 = _bload(builder, wp, builder.add(wb, _c(64 * h + 32)))
                 qh = _bload(builder, wp, builder.add(wb, _c(128 + 32 * h)))
-                codes = [
-                    builder.or_(builder.and_(ql0, m4), builder.shl(builder.and_(qh, m3), _bconst(4))),
-                    builder.or_(builder.and_(ql1, m4),
-                                builder.shl(builder.and_(builder.lshr(qh, _bconst(2)), m3), _bconst(4))),
-                    builder.or_(builder.lshr(ql0, _bconst(4)),
-                                builder.shl(builder.and_(builder.lshr(qh, _bconst(4)), m3), _bconst(4))),
-                    builder.or_(builder.lshr(ql1, _bconst(4)),
-                                builder.shl(builder.lshr(qh, _bconst(6)), _bconst(4))),
+                def high2(shift):  # bits shift, shift+1 of qh, moved to bits 4, 5
+                    v = builder.lshr(qh, _bconst(shift)) if shift else qh
+                    return builder.shl(builder.and_(v, m3), _bconst(4))
+
+                codes = [  # unsigned 6-bit codes of elements 128h + 32v + (0..31)
+                    builder.or_(builder.and_(ql0, m4), high2(0)),
+                    builder.or_(builder.and_(ql1, m4), high2(2)),
+                    builder.or_(builder.lshr(ql0, _bconst(4)), high2(4)),
+                    builder.or_(builder.lshr(ql1, _bconst(4)), high2(6)),
                 ]
                 for v in range(4):  # elements 128h + 32v .. +31: sub-blocks s, s+1
                     s = 8 * h + 2 * v
@@ -462,8 +468,10 @@ def _q6k_vecdot_raw(typingctx, wrow, x, sc, dw, xd, bs):
                     acc = builder.add(acc, _madd32(builder, codes[v], scs, xv))  # |sc*u| < 2^13
             S = _pairsum_i(builder, acc)  # ggml's lane m holds positions 4m..4m+3
             corr = _pairsum(builder, builder.fmul(scv, _vload(builder, builder.gep(bsp, [s0]), 16)))
-            S = builder.sub(S, builder.mul(builder.fptosi(corr, vi8), _splat(builder, ir.Constant(_I32T, 32), 8)))
-            d = builder.fmul(builder.load(builder.gep(xdp, [b])), builder.load(builder.gep(dwp, [b])))
+            c32 = _splat(builder, ir.Constant(_I32T, 32), 8)
+            S = builder.sub(S, builder.mul(builder.fptosi(corr, vi8), c32))
+            d = builder.fmul(builder.load(builder.gep(xdp, [b])),
+                             builder.load(builder.gep(dwp, [b])))
             builder.store(_fma(builder, _splat(builder, d, 8), builder.sitofp(S, _vty(8)),
                                builder.load(accp)), accp)
         a = builder.load(accp)
@@ -489,9 +497,9 @@ def _f16_at(raw, r, o):
 @njit(cache=True, parallel=True)
 def _q4k_kernel(raw, X8, XC, xd, xb, xdc, xbc, out):
     """X8 [T, K] int8 activation codes, xd [T, nb] their d, xb [T, K/32] their sums per 32.
-    XC [nc, K/2, 32] int16, xdc [nc, nb, 16], xbc [nc, K/32, 16]: the first 4*(T//4) batch
-    rows (ggml's gemm rows) in chunks of 16 (see _chunked), empty for T < 4; the other
-    batch rows take ggml's gemv."""
+    XC [nc, K/2, 32] int16 (see _chunked_codes), xdc [nc, nb, 16], xbc [nc, K/32, 16] (see
+    _chunked): the first 4*(T//4) batch rows (ggml's gemm rows) in chunks of 16, empty for
+    T < 4; the other batch rows take ggml's gemv."""
     R = raw.shape[0]
     T = X8.shape[0]
     nb = xd.shape[1]
@@ -551,9 +559,9 @@ def _q4k_kernel(raw, X8, XC, xd, xb, xdc, xbc, out):
 
 
 @njit(cache=True, parallel=True)
-def _q6k_kernel(raw, X8, XC, xd, xs, xdc, xsc, out):
-    """As :func:`_q4k_kernel`, with xs [T, K/16] the Q8_K bsums; when XC is given (T >= 8)
-    every batch row takes the tiled kernel from it, else ggml_vec_dot_q6_K_q8_K."""
+def _q6k_kernel(raw, X8, XC, xd, xs, xdc, out):
+    """As :func:`_q4k_kernel`, with xs [T, K/16] the Q8_K bsums; when XC / xdc are given
+    (T >= 8) every batch row takes the tiled kernel from them, else ggml_vec_dot_q6_K_q8_K."""
     R = raw.shape[0]
     T = X8.shape[0]
     nb = xd.shape[1]
@@ -592,8 +600,10 @@ def _q6k_kernel(raw, X8, XC, xd, xs, xdc, xsc, out):
                                 ql1 = raw[ru, oq + _U(32) + l]
                                 qh = raw[ru, oh + l]
                                 u0 = (ql0 & np.uint8(15)) | ((qh & np.uint8(3)) << np.uint8(4))
-                                u1 = (ql1 & np.uint8(15)) | (((qh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))
-                                u2 = (ql0 >> np.uint8(4)) | (((qh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4))
+                                u1 = ((ql1 & np.uint8(15))
+                                      | (((qh >> np.uint8(2)) & np.uint8(3)) << np.uint8(4)))
+                                u2 = ((ql0 >> np.uint8(4))
+                                      | (((qh >> np.uint8(4)) & np.uint8(3)) << np.uint8(4)))
                                 u3 = (ql1 >> np.uint8(4)) | ((qh >> np.uint8(6)) << np.uint8(4))
                                 WS[i, e0 + l] = (np.int16(u0) - np.int16(32)) * c0
                                 WS[i, e0 + _U(32) + l] = (np.int16(u1) - np.int16(32)) * c1
@@ -659,12 +669,13 @@ def quantize_q8k(x: np.ndarray):
 def matmul_k_family(raw: np.ndarray, kind: str, x: np.ndarray) -> np.ndarray:
     """``out[t, r] = W[r] . x[t]`` (float32 [T, rows]) as llama.cpp computes it for a
     MUL_MAT of ``T = len(x)`` batch rows; ``raw`` holds the weight rows as GGUF blocks.
-    A 1-D ``x`` is one batch row (T = 1); the result is 2-D either way."""
+    A 1-D ``x`` is one batch row (T = 1) and gives a 1-D result."""
     kind = kind.lower()
     if kind not in _BLOCK_BYTES:
         raise ValueError(f"unsupported kind {kind!r} (q4_k or q6_k)")
     x = np.asarray(x)
-    if x.ndim == 1:
+    one = x.ndim == 1
+    if one:
         x = x[None, :]
     T, K = x.shape
     if K % QK_K or K == 0:
@@ -687,9 +698,9 @@ def matmul_k_family(raw: np.ndarray, kind: str, x: np.ndarray) -> np.ndarray:
         _q4k_kernel(raw, qs, XC, xd, xs, xdc, xsc, out)
     else:
         xs = bsums.astype(np.float32)  # code sums per 16
-        if T >= _TILED_MIN_T:
-            XC, xdc, xsc = _chunked_codes(qs), _chunked(xd), _chunked(xs)
+        if T >= _TILED_MIN_T:  # ggml's tiled path
+            XC, xdc = _chunked_codes(qs), _chunked(xd)
         else:
-            XC, xdc, xsc = _EMPTY3I, _EMPTY3, _EMPTY3
-        _q6k_kernel(raw, qs, XC, xd, xs, xdc, xsc, out)
-    return out
+            XC, xdc = _EMPTY3I, _EMPTY3
+        _q6k_kernel(raw, qs, XC, xd, xs, xdc, out)
+    return out[0] if one else out
