@@ -45,27 +45,64 @@ def f32_to_f16_bits(x):
     return _f32_to_f16_bits(np.float32(x))
 
 
+@njit(inline="always", cache=True)
+def _round_f16_row(x, out, i):
+    for j in range(x.shape[1]):
+        out[i, j] = f16_to_f32(f32_to_f16_bits(x[i, j]))
+
+
 @njit(cache=True, parallel=True)
+def _round_f16_rows_par(x, out):
+    for i in prange(x.shape[0]):
+        _round_f16_row(x, out, i)
+
+
+@njit(cache=True)
+def _round_f16_rows_ser(x, out):
+    for i in range(x.shape[0]):
+        _round_f16_row(x, out, i)
+
+
+# Below this many rows the element-wise kernels run on one thread: a decode step launches
+# a dozen of them per layer, and a parallel launch costs more than the work.
+SERIAL_ROWS = 8
+
+
 def round_f16_rows(x, out):
     """``out = float32(float16(x))`` for a 2-D float32 array."""
-    for i in prange(x.shape[0]):
-        for j in range(x.shape[1]):
-            out[i, j] = f16_to_f32(f32_to_f16_bits(x[i, j]))
+    (_round_f16_rows_ser if x.shape[0] < SERIAL_ROWS else _round_f16_rows_par)(x, out)
+
+
+@njit(inline="always", cache=True)
+def _rms_row(x, w, eps, out, i):
+    n = x.shape[1]
+    s = 0.0
+    for j in range(n):
+        sq = x[i, j] * x[i, j]
+        s += np.float64(sq)
+    mean = np.float32(s / n)
+    scale = np.float32(1.0) / np.sqrt(mean + eps)
+    for j in range(n):
+        out[i, j] = (x[i, j] * scale) * w[j]
 
 
 @njit(cache=True, parallel=True)
-def rms_norm_rows(x, w, eps, out):
-    """RMS norm of each row of ``x`` times ``w`` (ggml's order, see the module docstring)."""
-    n = x.shape[1]
+def _rms_norm_rows_par(x, w, eps, out):
     for i in prange(x.shape[0]):
-        s = 0.0
-        for j in range(n):
-            sq = x[i, j] * x[i, j]
-            s += np.float64(sq)
-        mean = np.float32(s / n)
-        scale = np.float32(1.0) / np.sqrt(mean + eps)
-        for j in range(n):
-            out[i, j] = (x[i, j] * scale) * w[j]
+        _rms_row(x, w, eps, out, i)
+
+
+@njit(cache=True)
+def _rms_norm_rows_ser(x, w, eps, out):
+    for i in range(x.shape[0]):
+        _rms_row(x, w, eps, out, i)
+
+
+def rms_norm_rows(x, w, eps, out):
+    """RMS norm of each row of ``x`` times ``w`` (ggml's order, see the module docstring);
+    ``eps`` a float32."""
+    (_rms_norm_rows_ser if x.shape[0] < SERIAL_ROWS else _rms_norm_rows_par)(
+        x, w, np.float32(eps), out)
 
 
 @njit(cache=True)
@@ -82,24 +119,39 @@ def rope_cache(positions, base, freq_scale, n_dims, cos, sin):
             theta = theta * theta_scale
 
 
+@njit(inline="always", cache=True)
+def _rope_row(x, cos, sin, out, th):
+    T, H, D = x.shape
+    half = cos.shape[1]
+    t = th // H
+    h = th % H
+    for i in range(half):
+        c = cos[t, i]
+        s = sin[t, i]
+        x0 = x[t, h, i]
+        x1 = x[t, h, i + half]
+        out[t, h, i] = fma32(x0, c, -(x1 * s))
+        out[t, h, i + half] = fma32(x0, s, x1 * c)
+    for j in range(2 * half, D):
+        out[t, h, j] = x[t, h, j]
+
+
 @njit(cache=True, parallel=True)
+def _rope_neox_par(x, cos, sin, out):
+    for th in prange(x.shape[0] * x.shape[1]):
+        _rope_row(x, cos, sin, out, th)
+
+
+@njit(cache=True)
+def _rope_neox_ser(x, cos, sin, out):
+    for th in range(x.shape[0] * x.shape[1]):
+        _rope_row(x, cos, sin, out, th)
+
+
 def rope_neox(x, cos, sin, out):
     """NeoX-layout rotation of ``x`` [T, H, D] (first ``2 * cos.shape[1]`` features) with
     gcc's contraction of ggml's ``rotate_pairs``; features past the rotary part are copied."""
-    T, H, D = x.shape
-    half = cos.shape[1]
-    for th in prange(T * H):
-        t = th // H
-        h = th % H
-        for i in range(half):
-            c = cos[t, i]
-            s = sin[t, i]
-            x0 = x[t, h, i]
-            x1 = x[t, h, i + half]
-            out[t, h, i] = fma32(x0, c, -(x1 * s))
-            out[t, h, i + half] = fma32(x0, s, x1 * c)
-        for j in range(2 * half, D):
-            out[t, h, j] = x[t, h, j]
+    (_rope_neox_ser if x.shape[0] < SERIAL_ROWS else _rope_neox_par)(x, cos, sin, out)
 
 
 _GELU_A = np.float32(0.044715)
@@ -132,22 +184,33 @@ def gelu_table() -> np.ndarray:
     return _TABLE
 
 
+@njit(inline="always", cache=True)
+def _geglu_row(g, u, table, out, i):
+    for j in range(g.shape[1]):
+        x = g[i, j]
+        if x <= -10.0:
+            out[i, j] = 0.0
+        elif x >= 10.0:
+            out[i, j] = x * u[i, j]
+        else:
+            out[i, j] = f16_to_f32(table[f32_to_f16_bits(x)]) * u[i, j]
+
+
 @njit(cache=True, parallel=True)
-def _geglu(g, u, table, out):
+def _geglu_par(g, u, table, out):
     for i in prange(g.shape[0]):
-        for j in range(g.shape[1]):
-            x = g[i, j]
-            if x <= -10.0:
-                out[i, j] = 0.0
-            elif x >= 10.0:
-                out[i, j] = x * u[i, j]
-            else:
-                out[i, j] = f16_to_f32(table[f32_to_f16_bits(x)]) * u[i, j]
+        _geglu_row(g, u, table, out, i)
+
+
+@njit(cache=True)
+def _geglu_ser(g, u, table, out):
+    for i in range(g.shape[0]):
+        _geglu_row(g, u, table, out, i)
 
 
 def geglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     """``gelu_tanh(g) * u`` through ggml's float16 GELU table; g and u are [T, n] float32
     (views allowed)."""
     out = np.empty(g.shape, np.float32)
-    _geglu(g, u, gelu_table(), out)
+    (_geglu_ser if g.shape[0] < SERIAL_ROWS else _geglu_par)(g, u, gelu_table(), out)
     return out
