@@ -152,11 +152,14 @@ def _quantize_rows(x, xq, xd):
                 a = abs(seg[j])
                 amax = a if a > amax else amax
             xd[t, b] = round_f16(amax / _F32(127.0))
-            inv = _F32(127.0) / amax if amax != _F32(0) else _F32(0)
+            inv = _F32(127.0) / amax if amax != _F32(0) else _F32(0)  # inf if amax < 3.7e-37
             qseg = qr[o : o + QK]
             for j in range(QK):
                 v = np.rint(seg[j] * inv)  # float32 product, then round half to even
-                qseg[j] = np.int8(min(_F32(127.0), max(_F32(-128.0), v)))
+                if abs(v) < _F32(2147483648.0):
+                    qseg[j] = np.int8(min(_F32(127.0), max(_F32(-128.0), v)))
+                else:  # inf/NaN (127/amax overflowed): cvtps2dq gives INT_MIN -> -128
+                    qseg[j] = np.int8(-128)
 
 
 def quantize_act_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
