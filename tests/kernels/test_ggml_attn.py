@@ -29,48 +29,10 @@ from numba import njit
 
 from torchless.kernels.ggml_attn import attention_ggml, v_expf
 
+from exact_f32 import assert_same_bits, f16, fma_f32  # (tests/kernels/exact_f32.py)
+
 F32, F64 = np.float32, np.float64
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-# ---------------------------------------------------------------------------------------
-# exact float32 fma, float16 rounding, bit comparison (as in test_ggml_q8.py)
-# ---------------------------------------------------------------------------------------
-
-
-def fma_f32(a, b, c):
-    """``a * b + c`` for float32 arrays with one rounding: the product is exact in float64,
-    TwoSum recovers the float64 sum's error, rounding to odd in float64 then to nearest even
-    in float32 is correct (Boldo & Melquiond 2008; test_ggml_q8.py checks this function
-    against exact rationals)."""
-    a = np.asarray(a, F32).astype(F64)
-    b = np.asarray(b, F32).astype(F64)
-    c = np.asarray(c, F32).astype(F64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        p = a * b
-        s = p + c
-        bv = s - p
-        err = (p - (s - bv)) + (c - bv)
-        err = np.where(np.isfinite(s), err, 0.0)
-        even = (s.view(np.uint64) & np.uint64(1)) == 0
-        s = np.where((err != 0) & even, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
-        return s.astype(F32)
-
-
-def f16(x):
-    """float32 -> nearest float16 (ties to even) -> float32 (NumPy's cast)."""
-    with np.errstate(over="ignore"):
-        return np.asarray(x, F32).astype(np.float16).astype(F32)
-
-
-def assert_same_bits(got, want, what=""):
-    got, want = np.asarray(got, F32), np.asarray(want, F32)
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    bad = (got.view(np.uint32) != want.view(np.uint32)) & ~(np.isnan(got) & np.isnan(want))
-    if bad.any():
-        i = tuple(np.argwhere(bad)[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} differ; first at {i}: "
-                             f"got {got[i]!r} want {want[i]!r}")
 
 
 # ---------------------------------------------------------------------------------------
