@@ -38,7 +38,13 @@ kqv. Masked cells are exactly 0 after the softmax (expf of -inf -> 0), and a zer
 leaves an fma accumulator unchanged, so kqv only visits the cells < P + T with nonzero f16
 weight; it walks V's rows in position order, each position feeding accumulator row
 ((j // 16) % nacc) * 16 + j % 16 (vectorised over D), then reduces the rows in ggml's order.
-Decode (T == 1) runs serially; T > 1 runs the rows in a prange.
+Decode (T == 1) runs serially. T > 1 (:func:`_attn_parallel`, tinyBLAS order) takes groups of
+query rows and up to 4 heads of one KV head at a time, with the same operations per element
+in the same order: kq as register tiles (4 heads x 4 keys, key blocks shared by the rows),
+the softmax on 16-lane vectors (ggml_v_expf with selects for its branches, f16 rounding by
+fptrunc to half, which is vcvtps2ph), kqv from V transposed once per call so that each
+output's 16-lane tinyBLAS accumulator is one vector fma per 16-chunk of positions; only
+the chunks holding unmasked cells are visited (a chunk of zero weights changes nothing).
 Verified bit-exact against llama.cpp dumps: /work/peer/emu/C/verify.py.
 """
 import numpy as np
@@ -352,15 +358,528 @@ def _attn_serial(q, k_cache, v_cache, P, window, n_kv, full_kq, kq, sm, out):
              qh, ph, acc)
 
 
+def _lane_trees(builder, vecs):
+    """_lane_tree of every vector in vecs, as a butterfly over all of them (each result sees
+    the same additions: upper half + lower half until one lane is left). Returns the list of
+    scalars, in the order of vecs."""
+    i32 = ir.IntType(32)
+    n = vecs[0].type.count
+    items = [(v, [k]) for k, v in enumerate(vecs)]      # (vector, labels of its groups)
+    size = n
+    while size > 1:
+        if len(items) % 2:
+            items.append((items[-1][0], [None] * len(items[-1][1])))
+        h = size // 2
+        nxt = []
+        for (a, la), (b, lb) in zip(items[0::2], items[1::2]):
+            hi, lo = [], []
+            for src, off, labels in ((0, 0, la), (n, 0, lb)):
+                for g in range(len(labels)):
+                    hi += [src + g * size + h + l for l in range(h)]
+                    lo += [src + g * size + l for l in range(h)]
+            vh = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, n), hi))
+            vl = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, n), lo))
+            nxt.append((builder.fadd(vh, vl), la + lb))
+        items = nxt
+        size = h
+    out = [None] * len(vecs)
+    for v, labels in items:
+        for lane, lab in enumerate(labels):
+            if lab is not None and out[lab] is None:
+                out[lab] = builder.extract_element(v, ir.Constant(i32, lane))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# T > 1 (tinyBLAS order), several heads at a time. Every output element sees exactly the
+# operations of :func:`_row` in the same order; only the loop nesting differs:
+# * kq: _NQ query heads (sharing a KV head) x 4 key rows per step, one 16-lane accumulator per
+#   (head, key), fma over D in 16-element chunks in order, then the lane tree;
+# * kqv: V transposed once per call (vt [nKV, D, npos rounded up to 16], zero padded), so the
+#   tinyBLAS accumulator of output d (lane = position % 16) is a 16-lane fma over the 16-chunks
+#   of positions in order: fma(p[chunk], vt[d, chunk], acc). Chunks whose weights are all zero
+#   (causally masked, outside the window) leave the accumulators unchanged and are skipped;
+#   zero weights inside a visited chunk add exactly +-0 to an accumulator that is never -0
+#   (this needs finite V: with an inf/nan in V's rows < P + T, every row goes through _row,
+#   which skips zero weights one by one).
+
+_NQ = 4       # query heads per tile (padded with zero rows)
+_ND = 4       # outputs (d) per kqv register block
+
+
+def _ptr2(context, builder, aty, ary, i, j):
+    return cgutils.get_item_pointer(context, builder, aty, ary, [i, j])
+
+
+def _kq_tile_codegen(nk):
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        vf = ir.VectorType(f32, _LANES)
+        kty, qty, _, _, rty = signature.args
+        k2, q2, r2 = [context.make_array(t)(context, builder, value=v)
+                      for t, v in zip((kty, qty, rty), (args[0], args[1], args[4]))]
+        j, n = args[2], args[3]
+        it = n.type
+        zero = ir.Constant(vf, [ir.Constant(f32, 0.0)] * _LANES)
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nk)]
+                for _ in range(_NQ)]
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{_LANES}f32")
+        nb = builder.udiv(n, ir.Constant(it, _LANES))
+        with cgutils.for_range(builder, nb) as loop:
+            c = builder.mul(loop.index, ir.Constant(it, _LANES))
+            kv = [builder.load(builder.bitcast(
+                _ptr2(context, builder, kty, k2, builder.add(j, ir.Constant(it, b)), c),
+                vf.as_pointer()), align=4) for b in range(nk)]
+            for i in range(_NQ):
+                qv = builder.load(builder.bitcast(
+                    _ptr2(context, builder, qty, q2, ir.Constant(it, i), c),
+                    vf.as_pointer()), align=4)
+                for b in range(nk):
+                    builder.store(builder.call(fma, [kv[b], qv, builder.load(accs[i][b])]),
+                                  accs[i][b])
+        sums = _lane_trees(builder, [builder.load(accs[i][b])
+                                     for i in range(_NQ) for b in range(nk)])
+        for i in range(_NQ):
+            for b in range(nk):
+                builder.store(sums[i * nk + b],
+                              _ptr2(context, builder, rty, r2, ir.Constant(it, i),
+                                    builder.add(j, ir.Constant(it, b))))
+        return context.get_dummy_value()
+    return codegen
+
+
+def _tile_typer(a, b, j, n, r):
+    for t in (a, b, r):
+        if not (isinstance(t, types.Array) and t.ndim == 2 and t.dtype == types.float32
+                and t.layout == "C"):
+            return None
+    return types.void(a, b, types.intp, types.intp, r)
+
+
+@intrinsic
+def _kq_tile4(typingctx, k2, q2, j, n, r2):
+    """r2[i, j + b] = tinyBLAS dot(k2[j + b, :n], q2[i, :n]) for i < _NQ, b < 4."""
+    sig = _tile_typer(k2, q2, j, n, r2)
+    return (sig, _kq_tile_codegen(4)) if sig is not None else None
+
+
+@intrinsic
+def _kq_tile1(typingctx, k2, q2, j, n, r2):
+    """r2[i, j] = tinyBLAS dot(k2[j, :n], q2[i, :n]) for i < _NQ."""
+    sig = _tile_typer(k2, q2, j, n, r2)
+    return (sig, _kq_tile_codegen(1)) if sig is not None else None
+
+
+def _kqv_codegen(context, builder, signature, args):
+    f32 = ir.FloatType()
+    vf = ir.VectorType(f32, _LANES)
+    vty, pty, _, _, _, _, rty = signature.args
+    v2, p2, r2 = [context.make_array(t)(context, builder, value=v)
+                  for t, v in zip((vty, pty, rty), (args[0], args[1], args[6]))]
+    c0, c1, dlo, dhi = args[2], args[3], args[4], args[5]
+    it = c0.type
+    zero = ir.Constant(vf, [ir.Constant(f32, 0.0)] * _LANES)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{_LANES}f32")
+    accs = [[cgutils.alloca_once(builder, vf) for _ in range(_ND)] for _ in range(_NQ)]
+    nb = builder.udiv(builder.sub(dhi, dlo), ir.Constant(it, _ND))
+    with cgutils.for_range(builder, nb) as dl:
+        d0 = builder.add(dlo, builder.mul(dl.index, ir.Constant(it, _ND)))
+        for i in range(_NQ):
+            for e in range(_ND):
+                builder.store(zero, accs[i][e])
+        with cgutils.for_range(builder, builder.sub(c1, c0)) as cl:
+            c = builder.mul(builder.add(c0, cl.index), ir.Constant(it, _LANES))
+            pv = [builder.load(builder.bitcast(
+                _ptr2(context, builder, pty, p2, ir.Constant(it, i), c),
+                vf.as_pointer()), align=4) for i in range(_NQ)]
+            for e in range(_ND):
+                vv = builder.load(builder.bitcast(
+                    _ptr2(context, builder, vty, v2, builder.add(d0, ir.Constant(it, e)), c),
+                    vf.as_pointer()), align=4)
+                for i in range(_NQ):
+                    builder.store(builder.call(fma, [pv[i], vv, builder.load(accs[i][e])]),
+                                  accs[i][e])
+        sums = _lane_trees(builder, [builder.load(accs[i][e])
+                                     for i in range(_NQ) for e in range(_ND)])
+        for i in range(_NQ):
+            for e in range(_ND):
+                builder.store(sums[i * _ND + e],
+                              _ptr2(context, builder, rty, r2, ir.Constant(it, i),
+                                    builder.add(d0, ir.Constant(it, e))))
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _kqv_tile(typingctx, vt2, p2, c0, c1, dlo, dhi, r2):
+    """r2[i, d] = tinyBLAS sum over 16-chunks c0 <= c < c1 of p2[i, chunk] * vt2[d, chunk],
+    for i < _NQ, dlo <= d < dhi ((dhi - dlo) % _ND == 0)."""
+    for t in (vt2, p2, r2):
+        if not (isinstance(t, types.Array) and t.ndim == 2 and t.dtype == types.float32
+                and t.layout == "C"):
+            return None
+    return (types.void(vt2, p2, types.intp, types.intp, types.intp, types.intp, r2),
+            _kqv_codegen)
+
+
+def _vconst(vf, x):
+    return ir.Constant(vf, [ir.Constant(vf.element, float(x))] * vf.count)
+
+
+def _v_f16r(builder, x):
+    """f16r on a vector: fptrunc to half (vcvtps2ph, nearest even) and back; nan kept as is."""
+    vh = ir.VectorType(ir.HalfType(), x.type.count)
+    r = builder.fpext(builder.fptrunc(x, vh), x.type)
+    return builder.select(builder.fcmp_unordered("uno", x, x), x, r)
+
+
+def _v_expf(builder, x, fma):
+    """v_expf, lane-wise on a float32 vector (same operations, branches as selects)."""
+    vf = x.type
+    n16 = vf.count
+
+    def c(v):
+        return _vconst(vf, v)
+    z = builder.call(fma, [x, c(_E_LOG2E), c(_E_SHIFT)])
+    n = builder.fsub(z, c(_E_SHIFT))
+    fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf]),
+                                          f"llvm.fabs.v{n16}f32")
+    big = builder.fcmp_unordered(">", builder.call(fabs, [n]), c(192.0))   # not |n| <= 192
+    nn = builder.fsub(c(-0.0), n)
+    b = builder.call(fma, [nn, c(_E_LN2HI), x])
+    b = builder.call(fma, [nn, c(_E_LN2LO), b])
+    u = builder.fmul(b, b)
+    p1 = builder.call(fma, [c(_E_C5), b, c(_E_C4)])
+    p2 = builder.call(fma, [c(_E_C3), b, c(_E_C2)])
+    p3 = builder.call(fma, [c(_E_C1), b, c(1.0)])
+    j = builder.call(fma, [builder.call(fma, [p1, u, p2]), u, p3])
+    i64v = ir.VectorType(ir.IntType(64), n16)
+    nsafe = builder.select(big, c(0.0), n)
+    ni = builder.fptosi(nsafe, i64v)
+    e = builder.shl(builder.add(ni, ir.Constant(i64v, [ir.Constant(ir.IntType(64), 1023)] * n16)),
+                    ir.Constant(i64v, [ir.Constant(ir.IntType(64), 52)] * n16))
+    dv = ir.VectorType(ir.DoubleType(), n16)
+    res = builder.fptrunc(builder.fmul(builder.fpext(j, dv), builder.bitcast(e, dv)), vf)
+    # |n| > 192 or nan: n <= 0 -> 0, n > 0 -> inf, nan -> n
+    ovf = builder.select(builder.fcmp_ordered("<=", n, c(0.0)), c(0.0),
+                         builder.select(builder.fcmp_ordered(">", n, c(0.0)), c(np.inf), n))
+    return builder.select(big, ovf, res)
+
+
+def _sm_codegen(context, builder, signature, args):
+    f32 = ir.FloatType()
+    vf = ir.VectorType(f32, _LANES)
+    kty, pty = signature.args[:2]
+    k2, p2 = [context.make_array(t)(context, builder, value=v)
+              for t, v in zip((kty, pty), args[:2])]
+    i, c0, c1, jlo, jhi, mx = args[2:]
+    it = c0.type
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{_LANES}f32")
+    ivt = ir.VectorType(it, _LANES)
+    lanes = ir.Constant(ivt, [ir.Constant(it, l) for l in range(_LANES)])
+    zero_m = ir.Constant(ir.VectorType(ir.IntType(32), _LANES),
+                         [ir.Constant(ir.IntType(32), 0)] * _LANES)
+
+    def splat(v, vt):
+        return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, None), v,
+                                                             ir.Constant(ir.IntType(32), 0)),
+                                      ir.Constant(vt, None), zero_m)
+    vlo = splat(jlo, ivt)
+    vhi = splat(jhi, ivt)
+    vmx = splat(mx, vf)
+    total = cgutils.alloca_once_value(builder, ir.Constant(ir.DoubleType(), 0.0))
+    with cgutils.for_range(builder, builder.sub(c1, c0)) as cl:
+        b = builder.mul(builder.add(c0, cl.index), ir.Constant(it, _LANES))
+        jv = builder.add(splat(b, ivt), lanes)
+        m = builder.and_(builder.icmp_signed(">=", jv, vlo), builder.icmp_signed("<", jv, vhi))
+        w = builder.load(builder.bitcast(_ptr2(context, builder, kty, k2, i, b),
+                                         vf.as_pointer()), align=4)
+        w = builder.fadd(builder.fmul(w, _vconst(vf, 1.0)), _vconst(vf, 0.0))
+        y = _v_expf(builder, builder.fsub(w, vmx), fma)
+        y = builder.select(m, y, _vconst(vf, 0.0))
+        builder.store(y, builder.bitcast(_ptr2(context, builder, pty, p2, i, b),
+                                         vf.as_pointer()), align=4)
+        s = _lane_tree(builder, y)
+        builder.store(builder.fadd(builder.load(total), builder.fpext(s, ir.DoubleType())),
+                      total)
+    return builder.load(total)
+
+
+def _max_codegen(context, builder, signature, args):
+    f32 = ir.FloatType()
+    vf = ir.VectorType(f32, _LANES)
+    kty = signature.args[0]
+    k2 = context.make_array(kty)(context, builder, value=args[0])
+    i, c0, c1, jlo, jhi = args[1:]
+    it = c0.type
+    ivt = ir.VectorType(it, _LANES)
+    i32 = ir.IntType(32)
+    lanes = ir.Constant(ivt, [ir.Constant(it, l) for l in range(_LANES)])
+    zero_m = ir.Constant(ir.VectorType(i32, _LANES), [ir.Constant(i32, 0)] * _LANES)
+
+    def splat(v, vt):
+        return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, None), v,
+                                                             ir.Constant(i32, 0)),
+                                      ir.Constant(vt, None), zero_m)
+    vlo = splat(jlo, ivt)
+    vhi = splat(jhi, ivt)
+    ninf = _vconst(vf, -np.inf)
+    bt = ir.VectorType(ir.IntType(1), _LANES)
+    acc = cgutils.alloca_once_value(builder, ninf)
+    nan = cgutils.alloca_once_value(
+        builder, ir.Constant(bt, [ir.Constant(ir.IntType(1), 0)] * _LANES))
+    with cgutils.for_range(builder, builder.sub(c1, c0)) as cl:
+        b = builder.mul(builder.add(c0, cl.index), ir.Constant(it, _LANES))
+        jv = builder.add(splat(b, ivt), lanes)
+        m = builder.and_(builder.icmp_signed(">=", jv, vlo), builder.icmp_signed("<", jv, vhi))
+        w = builder.load(builder.bitcast(_ptr2(context, builder, kty, k2, i, b),
+                                         vf.as_pointer()), align=4)
+        w = builder.fadd(builder.fmul(w, _vconst(vf, 1.0)), _vconst(vf, 0.0))
+        w = builder.select(m, w, ninf)
+        a = builder.load(acc)
+        builder.store(builder.select(builder.fcmp_ordered(">", a, w), a, w), acc)
+        builder.store(builder.or_(builder.load(nan), builder.fcmp_unordered("uno", w, w)), nan)
+    # lanes are combined as a tree; without nan the max of floats with no -0 (w = x*1 + 0)
+    # does not depend on the order
+    v = builder.load(acc)
+    n = _LANES
+    while n > 1:
+        h = n // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h), list(range(h))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h),
+                                                      list(range(h, 2 * h))))
+        v = builder.select(builder.fcmp_ordered(">", lo, hi), lo, hi)
+        n = h
+    mx = builder.extract_element(v, ir.Constant(i32, 0))
+    nb = builder.bitcast(builder.load(nan), ir.IntType(_LANES))
+    anynan = builder.icmp_unsigned("!=", nb, ir.Constant(ir.IntType(_LANES), 0))
+    return builder.select(anynan, ir.Constant(f32, float("nan")), mx)
+
+
+@intrinsic
+def _max_chunks(typingctx, k2, i, c0, c1, jlo, jhi):
+    """max of k2[i, j]*1 + 0 over jlo <= j < jhi (inside the 16-chunks c0 <= c < c1); nan if
+    any of them is nan (the caller then runs the order-dependent scalar loop)."""
+    if not (isinstance(k2, types.Array) and k2.ndim == 2 and k2.dtype == types.float32
+            and k2.layout == "C"):
+        return None
+    sig = types.float32(k2, types.intp, types.intp, types.intp, types.intp, types.intp)
+    return sig, _max_codegen
+
+
+@intrinsic
+def _sm_chunks(typingctx, k2, p2, i, c0, c1, jlo, jhi, mx):
+    """For 16-chunks c0 <= c < c1 of row i: p2[i, j] = v_expf((k2[i, j]*1 + 0) - mx) for
+    jlo <= j < jhi, else 0; returns the float64 sum of the chunks' _mm512_reduce_add_ps."""
+    for t in (k2, p2):
+        if not (isinstance(t, types.Array) and t.ndim == 2 and t.dtype == types.float32
+                and t.layout == "C"):
+            return None
+    sig = types.float64(k2, p2, types.intp, types.intp, types.intp, types.intp, types.intp,
+                        types.float32)
+    return sig, _sm_codegen
+
+
+def _scale_codegen(context, builder, signature, args):
+    f32 = ir.FloatType()
+    vf = ir.VectorType(f32, _LANES)
+    pty = signature.args[0]
+    p2 = context.make_array(pty)(context, builder, value=args[0])
+    i, c0, c1, sc = args[1:]
+    it = c0.type
+    zero_m = ir.Constant(ir.VectorType(ir.IntType(32), _LANES),
+                         [ir.Constant(ir.IntType(32), 0)] * _LANES)
+    vsc = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, None), sc,
+                                                        ir.Constant(ir.IntType(32), 0)),
+                                 ir.Constant(vf, None), zero_m)
+    with cgutils.for_range(builder, builder.sub(c1, c0)) as cl:
+        b = builder.mul(builder.add(c0, cl.index), ir.Constant(it, _LANES))
+        ptr = builder.bitcast(_ptr2(context, builder, pty, p2, i, b), vf.as_pointer())
+        y = builder.fmul(builder.load(ptr, align=4), vsc)
+        builder.store(_v_f16r(builder, y), ptr, align=4)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _scale_f16_chunks(typingctx, p2, i, c0, c1, sc):
+    """p2[i, j] = f16r(p2[i, j] * sc) over the 16-chunks c0 <= c < c1."""
+    if not (isinstance(p2, types.Array) and p2.ndim == 2 and p2.dtype == types.float32
+            and p2.layout == "C"):
+        return None
+    return types.void(p2, types.intp, types.intp, types.intp, types.float32), _scale_codegen
+
+
+def _f16copy_codegen(context, builder, signature, args):
+    f32 = ir.FloatType()
+    vf = ir.VectorType(f32, _LANES)
+    sty, dty = signature.args[:2]
+    s1, d1 = [context.make_array(t)(context, builder, value=v)
+              for t, v in zip((sty, dty), args[:2])]
+    n = args[2]
+    it = n.type
+    with cgutils.for_range(builder, builder.udiv(n, ir.Constant(it, _LANES))) as cl:
+        b = builder.mul(cl.index, ir.Constant(it, _LANES))
+        x = builder.load(builder.bitcast(builder.gep(s1.data, [b]), vf.as_pointer()), align=4)
+        builder.store(_v_f16r(builder, x),
+                      builder.bitcast(builder.gep(d1.data, [b]), vf.as_pointer()), align=4)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _f16_copy(typingctx, src, dst, n):
+    """dst[:n] = f16r(src[:n]), n % 16 == 0 (contiguous 1-d float32)."""
+    sig = _dot_typer(src, dst, n)
+    return (types.void(src, dst, types.intp), _f16copy_codegen) if sig is not None else None
+
+
+@njit(cache=True)
+def _rows_group(q, k_cache, v_cache, vt, P, window, n_kv, full_kq, t0, R, g, h0, nq, kq, sm,
+                out, qh, kqs, ph, res, rng):
+    """Query rows t0 .. t0+R-1, heads h0 .. h0+nq-1 (all reading KV head g): kq, softmax,
+    kqv. The rows share key blocks (kq) and d blocks of vt (kqv) while these are in cache.
+    A (row, head) whose softmax scale is not finite (nan/inf inputs) is redone by :func:`_row`,
+    whose nan propagation through masked cells differs."""
+    T, nH, D = q.shape
+    S = k_cache.shape[1]
+    kg = k_cache[g]
+    vg = vt[g]
+    jmin = n_kv
+    jmax = 0
+    for r in range(R):
+        p1 = P + t0 + r
+        jlo = 0
+        if window > 0 and p1 - window + 1 > 0:
+            jlo = p1 - window + 1
+        rng[r, 0] = jlo
+        rng[r, 1] = p1 + 1                       # unmasked cells: jlo <= j < p1 + 1
+        jmin = min(jmin, jlo)
+        jmax = max(jmax, p1 + 1)
+        for i in range(_NQ):
+            if i < nq:
+                _f16_copy(q[t0 + r, h0 + i], qh[r, i], D)
+            else:
+                for d in range(D):
+                    qh[r, i, d] = np.float32(0.0)
+    # kq, in blocks of _JB keys shared by the R rows
+    for jb in range(jmin, jmax, _JB):
+        for r in range(R):
+            j = max(jb, rng[r, 0])
+            je = min(jb + _JB, rng[r, 1])
+            while j + 4 <= je:
+                _kq_tile4(kg, qh[r], j, D, kqs[r])
+                j += 4
+            while j < je:
+                _kq_tile1(kg, qh[r], j, D, kqs[r])
+                j += 1
+    for r in range(R):
+        t = t0 + r
+        jlo = rng[r, 0]
+        jhi = rng[r, 1]
+        if full_kq:                              # the masked cells, as _row computes them
+            for i in range(nq):
+                kqr = kq[h0 + i, t]
+                for jj in range(n_kv):
+                    if jj >= jlo and jj < jhi:
+                        kqr[jj] = kqs[r, i, jj]
+                    elif jj >= S:
+                        kqr[jj] = np.float32(0.0)
+                    else:
+                        kqr[jj] = _dot_tinyblas(kg[jj], qh[r, i], D)
+        # chunks holding unmasked cells: c0 <= c < c1 (the others give y = 0: chunk sum 0,
+        # which leaves the float64 total unchanged, and zero weights)
+        c0 = jlo // 16
+        c1 = (jhi + 15) // 16
+        rng[r, 2] = c0
+        rng[r, 3] = c1
+        phr = ph[r]
+        kqsr = kqs[r]
+        for i in range(_NQ):
+            if i >= nq:
+                for jj in range(c0 * 16, c1 * 16):
+                    phr[i, jj] = np.float32(0.0)
+                continue
+            mx = _max_chunks(kqsr, i, c0, c1, jlo, jhi)
+            if mx != mx:                         # a nan: MAX(max, x) in order, as _row
+                mx = np.float32(-np.inf)
+                for jj in range(jlo, jhi):
+                    w = kqsr[i, jj] * np.float32(1.0) + np.float32(0.0)
+                    mx = mx if mx > w else w
+            total = _sm_chunks(kqsr, phr, i, c0, c1, jlo, jhi, mx)
+            sc = np.float32(1.0 / total)
+            rng[r, 4 + i] = 0 if abs(sc) < np.float32(np.inf) else 1
+            if full_kq:
+                smr = sm[h0 + i, t]
+                for jj in range(n_kv):
+                    smr[jj] = np.float32(0.0)
+                for jj in range(c0 * 16, c1 * 16):
+                    smr[jj] = phr[i, jj] * sc
+            _scale_f16_chunks(phr, i, c0, c1, sc)
+    # kqv, in blocks of _ND outputs shared by the R rows
+    for d0 in range(0, D, _ND):
+        for r in range(R):
+            _kqv_tile(vg, ph[r], rng[r, 2], rng[r, 3], d0, d0 + _ND, res[r])
+    for r in range(R):
+        for i in range(nq):
+            for d in range(D):
+                out[t0 + r, (h0 + i) * D + d] = res[r, i, d]
+    for r in range(R):
+        for i in range(nq):
+            if rng[r, 4 + i]:
+                _row(q, k_cache, v_cache, P, window, n_kv, full_kq, h0 + i, t0 + r, kq, sm,
+                     out, np.empty(D, np.float32), np.empty(n_kv, np.float32),
+                     np.empty((64, D), np.float32))
+
+
+_NCHUNK = 16  # prange work items (row group m goes to item m % _NCHUNK: balances causal cost)
+_R = 4        # query rows per group
+_JB = 16      # keys per kq block
+
+
 @njit(cache=True, parallel=True)
 def _attn_parallel(q, k_cache, v_cache, P, window, n_kv, full_kq, kq, sm, out):
     T, nH, D = q.shape
-    for r in prange(nH * T):
-        qh = np.empty(D, np.float32)
-        ph = np.empty(n_kv, np.float32)
-        acc = np.empty((64, D), np.float32)
-        _row(q, k_cache, v_cache, P, window, n_kv, full_kq, r // T, r % T, kq, sm, out,
-             qh, ph, acc)
+    nKV = k_cache.shape[0]
+    hpg = nH // nKV
+    npos = P + T
+    np16 = ((npos + 15) // 16) * 16
+    vt = np.empty((nKV, D, np16), np.float32)
+    nonfin = np.zeros(nKV * D, np.int64)
+    for gd in prange(nKV * D):
+        g = gd // D
+        d = gd % D
+        nf = 0
+        for j in range(npos):
+            x = v_cache[g, j, d]
+            vt[g, d, j] = x
+            nf += not (abs(x) < np.float32(np.inf))
+        nonfin[gd] = nf
+        for j in range(npos, np16):
+            vt[g, d, j] = np.float32(0.0)
+    if nonfin.sum() > 0:
+        for r in prange(nH * T):
+            _row(q, k_cache, v_cache, P, window, n_kv, full_kq, r // T, r % T, kq, sm, out,
+                 np.empty(D, np.float32), np.empty(n_kv, np.float32),
+                 np.empty((64, D), np.float32))
+        return
+    ngrp = (hpg + _NQ - 1) // _NQ
+    nrg = (T + _R - 1) // _R
+    for ch in prange(_NCHUNK):
+        qh = np.empty((_R, _NQ, D), np.float32)
+        kqs = np.empty((_R, _NQ, np16), np.float32)
+        ph = np.empty((_R, _NQ, np16), np.float32)
+        res = np.empty((_R, _NQ, D), np.float32)
+        rng = np.empty((_R, 4 + _NQ), np.int64)
+        for m in range(ch, nrg, _NCHUNK):
+            t0 = m * _R
+            R = min(_R, T - t0)
+            for g in range(nKV):
+                for hg in range(ngrp):
+                    h0 = g * hpg + hg * _NQ
+                    nq = min(_NQ, hpg - hg * _NQ)
+                    _rows_group(q, k_cache, v_cache, vt, P, window, n_kv, full_kq, t0, R, g,
+                                h0, nq, kq, sm, out, qh, kqs, ph, res, rng)
 
 
 def attention_ggml(q, k_cache, v_cache, P, window=0, n_kv=None, return_parts=False,

@@ -30,7 +30,11 @@ This module does exactly that: :func:`quantize_act_q8_0` (step 1, Numba), and on
 intrinsic per (kind, tile) for steps 2-4, which keeps a tile of ``RM`` weight rows by ``RN``
 activation rows in registers (the integer work on ``vpdpbusd`` when the host has AVX-VNNI /
 AVX512-VNNI, else ``vpmaddubsw`` + ``vpmaddwd``, else portable IR; integers are exact, so every
-tier gives the same bits). Entry point: :func:`matmul_q8_family`.
+tier gives the same bits). On AVX512-VNNI hosts, batches of ``T >= 8`` rows instead decode
+each chunk of weight rows once per call (unsigned quants + float32 scales), pack the
+activations by row pairs, and run 4 weight rows x 8 activation rows per tile in zmm registers
+(two activation rows' 8 lanes per register); the lane integers and every float operation per
+output element are unchanged (see ``_make_tile512``). Entry point: :func:`matmul_q8_family`.
 """
 
 from __future__ import annotations
@@ -428,6 +432,294 @@ def _matmul_kernel(data, kind, xq, xd, out):
 
 
 # ----------------------------------------------------------------------------------------
+# Batches on AVX512-VNNI hosts: weights pre-decoded once per row chunk, 512-bit tiles
+# ----------------------------------------------------------------------------------------
+#
+# The lane integers are computed as ``dot(u, x) - o * sum4(x)`` with ``u = w + o`` unsigned
+# (``o`` = 16 for q5_0: the 5-bit quant itself; 128 for q8_0) -- exact, so the same lane values
+# as above -- which lets ``vpdpbusd`` take the weights as its unsigned operand with no sign
+# trick. One zmm holds the 8 lanes of two activation rows for one weight row; the float steps
+# (``s = d_w * d_x``, ``fma(s, float(lane), acc)``, the 8-lane tree) are per element as before.
+
+_OFFSET = {"q8_0": 128, "q5_0": 16}
+
+
+def _detect_512() -> bool:
+    if ISA != "vnni" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        from llvmlite import binding as llvm
+
+        f = llvm.get_host_cpu_features()
+    except Exception:  # pragma: no cover
+        return False
+    if os.environ.get("TORCHLESS_GGML_Q8_NO512", "").strip() not in ("", "0"):
+        return False
+    return bool(f.get("avx512vnni", False) and f.get("avx512bw", False)
+                and f.get("avx512f", False))
+
+
+#: whether batches use the 512-bit path (results do not depend on it)
+USE512 = _detect_512()
+
+
+def _make_decode(kind: str, RM: int):
+    """Intrinsic ``decode(data, r, wg, g, i)``: row ``r`` of the GGUF blocks into slot ``i`` of
+    row group ``wg[g]``, laid out by block: per block the ``RM`` rows' unsigned quants
+    (``w + offset``, 32 bytes each), then their ``RM`` float32 scales."""
+    bpb = BLOCK_BYTES[kind]
+    gb = RM * (QK + 4)  # bytes of one block of a row group
+
+    def impl(typingctx, data, r, wg, g, i):
+        ok = (
+            isinstance(data, types.Array) and data.ndim == 2 and data.dtype == types.uint8
+            and isinstance(wg, types.Array) and wg.ndim == 2 and wg.dtype == types.uint8
+            and isinstance(r, types.Integer) and isinstance(g, types.Integer)
+            and isinstance(i, types.Integer)
+        )
+        if not ok:
+            return None
+        sig = types.void(data, r, wg, g, i)
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            i8p = _I8.as_pointer()
+            da = context.make_array(sig.args[0])(context, b, value=args[0])
+            ga = context.make_array(sig.args[2])(context, b, value=args[2])
+            _, nbytes = cgutils.unpack_tuple(b, da.shape)
+            ds0 = cgutils.unpack_tuple(b, da.strides)[0]
+            gs0 = cgutils.unpack_tuple(b, ga.strides)[0]
+            rv = context.cast(b, args[1], sig.args[1], types.intp)
+            gv = context.cast(b, args[3], sig.args[3], types.intp)
+            iv = context.cast(b, args[4], sig.args[4], types.intp)
+            src = b.gep(b.bitcast(da.data, i8p), [b.mul(rv, ds0)])
+            dst = b.gep(b.bitcast(ga.data, i8p), [b.mul(gv, gs0)])
+            qdst = b.gep(dst, [b.mul(iv, ir.Constant(iv.type, QK))])
+            sdst = b.gep(dst, [b.add(b.mul(iv, ir.Constant(iv.type, 4)),
+                                     ir.Constant(iv.type, RM * QK))])
+            nb = b.udiv(nbytes, ir.Constant(nbytes.type, bpb))
+            with cgutils.for_range(b, nb) as loop:
+                blk = loop.index
+                pb = b.gep(src, [b.mul(blk, ir.Constant(blk.type, bpb))])
+                goff = b.mul(blk, ir.Constant(blk.type, gb))
+                u = b.add(_WEIGHTS[kind](b, pb), _splat(_I8, 32, _OFFSET[kind] & 0xFF))
+                b.store(u, b.bitcast(b.gep(qdst, [goff]), _v(_I8, 32).as_pointer()), align=1)
+                h = b.load(b.bitcast(pb, _I16.as_pointer()), align=1)
+                b.store(b.fpext(b.bitcast(h, ir.HalfType()), _F),
+                        b.bitcast(b.gep(sdst, [goff]), _F.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = f"_decode_{kind}_{RM}"
+    return intrinsic(impl)
+
+
+def _make_pack(off: int, NP: int):
+    """Intrinsic ``pack(xq, xd, q, ap)``: activation rows ``2q, 2q+1`` into slot ``q % NP`` of
+    pair group ``ap[q // NP]``, laid out by block: per block and slot 192 bytes, the two rows'
+    quants (64 bytes), the lanes' ``-off * sum4(x)`` (16 int32) and the two scales (8 each)."""
+
+    def impl(typingctx, xq, xd, q, ap):
+        ok = (
+            isinstance(xq, types.Array) and xq.ndim == 2 and xq.dtype == types.int8
+            and isinstance(xd, types.Array) and xd.ndim == 2 and xd.dtype == types.float32
+            and isinstance(ap, types.Array) and ap.ndim == 2 and ap.dtype == types.uint8
+            and isinstance(q, types.Integer)
+        )
+        if not ok:
+            return None
+        sig = types.void(xq, xd, q, ap)
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            i8p = _I8.as_pointer()
+            qa = context.make_array(sig.args[0])(context, b, value=args[0])
+            ma = context.make_array(sig.args[1])(context, b, value=args[1])
+            aa = context.make_array(sig.args[3])(context, b, value=args[3])
+            _, K = cgutils.unpack_tuple(b, qa.shape)
+            qs0 = cgutils.unpack_tuple(b, qa.strides)[0]
+            ms0 = cgutils.unpack_tuple(b, ma.strides)[0]
+            as0 = cgutils.unpack_tuple(b, aa.strides)[0]
+            qv = context.cast(b, args[2], sig.args[2], types.intp)
+            c = lambda k: ir.Constant(qv.type, k)  # noqa: E731
+            t0 = b.mul(qv, c(2))
+            t1 = b.add(t0, c(1))
+            x0p = b.gep(b.bitcast(qa.data, i8p), [b.mul(t0, qs0)])
+            x1p = b.gep(b.bitcast(qa.data, i8p), [b.mul(t1, qs0)])
+            d0p = b.bitcast(b.gep(b.bitcast(ma.data, i8p), [b.mul(t0, ms0)]), _F.as_pointer())
+            d1p = b.bitcast(b.gep(b.bitcast(ma.data, i8p), [b.mul(t1, ms0)]), _F.as_pointer())
+            g = b.sdiv(qv, c(NP))
+            slot = b.sub(qv, b.mul(g, c(NP)))
+            dst = b.gep(b.bitcast(aa.data, i8p), [b.add(b.mul(g, as0), b.mul(slot, c(192)))])
+            v16i = _v(_I32, 16)
+            v16f = _v(_F, 16)
+            izero = _splat(_I32, 16, 0)
+            offv = b.bitcast(_splat(_I8, 64, off & 0xFF), v16i)
+            nb = b.udiv(K, ir.Constant(K.type, QK))
+            with cgutils.for_range(b, nb) as loop:
+                blk = loop.index
+                xoff = b.mul(blk, ir.Constant(blk.type, QK))
+                base = b.gep(dst, [b.mul(blk, ir.Constant(blk.type, NP * 192))])
+                x0 = _load_vec(b, b.gep(x0p, [xoff]), _I8, 32)
+                x1 = _load_vec(b, b.gep(x1p, [xoff]), _I8, 32)
+                xv = _shuf(b, x0, x1, range(64))
+                b.store(xv, b.bitcast(base, xv.type.as_pointer()), align=1)
+                osum = _call(b, "llvm.x86.avx512.vpdpbusd.512", v16i,
+                             [izero, offv, b.bitcast(xv, v16i)])
+                b.store(b.sub(izero, osum), b.bitcast(_gep(b, base, 64), v16i.as_pointer()),
+                        align=1)
+                d0 = b.load(b.gep(d0p, [blk]))
+                d1 = b.load(b.gep(d1p, [blk]))
+                dv = b.insert_element(ir.Constant(v16f, None), d0, ir.Constant(_I32, 0))
+                dv = b.insert_element(dv, d1, ir.Constant(_I32, 8))
+                dv = _shuf(b, dv, ir.Constant(v16f, None), [0] * 8 + [8] * 8)
+                b.store(dv, b.bitcast(_gep(b, base, 128), v16f.as_pointer()), align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = f"_pack512_{off}_{NP}"
+    return intrinsic(impl)
+
+
+def _make_tile512(RM: int, NP: int):
+    """Intrinsic ``tile(wg, g, ap, h, out, r0, rows)``: ``out[t, r]`` for the ``RM`` rows of the
+    decoded row group ``wg[g]`` (rows ``r0 ..``, those past ``rows`` are copies of the last
+    and not stored) and the ``2 * NP`` activation rows of pair group ``ap[h]``."""
+
+    def impl(typingctx, wg, g, ap, h, out, r0, rows):
+        ok = (
+            isinstance(wg, types.Array) and wg.ndim == 2 and wg.dtype == types.uint8
+            and isinstance(ap, types.Array) and ap.ndim == 2 and ap.dtype == types.uint8
+            and isinstance(out, types.Array) and out.ndim == 2 and out.dtype == types.float32
+            and isinstance(g, types.Integer) and isinstance(h, types.Integer)
+            and isinstance(r0, types.Integer) and isinstance(rows, types.Integer)
+        )
+        if not ok:
+            return None
+        sig = types.void(wg, g, ap, h, out, r0, rows)
+
+        def codegen(context, builder, sig, args):
+            b = builder
+            i8p = _I8.as_pointer()
+            ga = context.make_array(sig.args[0])(context, b, value=args[0])
+            aa = context.make_array(sig.args[2])(context, b, value=args[2])
+            oa = context.make_array(sig.args[4])(context, b, value=args[4])
+            _, gbytes = cgutils.unpack_tuple(b, ga.shape)
+            gs0 = cgutils.unpack_tuple(b, ga.strides)[0]
+            as0 = cgutils.unpack_tuple(b, aa.strides)[0]
+            os0 = cgutils.unpack_tuple(b, oa.strides)[0]
+            gv, hv, r0v, rowsv = [context.cast(b, args[k], sig.args[k], types.intp)
+                                  for k in (1, 3, 5, 6)]
+            wbase = b.gep(b.bitcast(ga.data, i8p), [b.mul(gv, gs0)])
+            abase = b.gep(b.bitcast(aa.data, i8p), [b.mul(hv, as0)])
+            obase = b.bitcast(oa.data, i8p)
+            v16f = _v(_F, 16)
+            v16i = _v(_I32, 16)
+            zero16 = ir.Constant(v16f, [ir.Constant(_F, 0.0)] * 16)
+            accs = [[cgutils.alloca_once_value(b, zero16) for _ in range(NP)] for _ in range(RM)]
+            for row in accs:
+                for a in row:
+                    b.store(zero16, a)
+            gb = RM * (QK + 4)
+            nb = b.udiv(gbytes, ir.Constant(gbytes.type, gb))
+            with cgutils.for_range(b, nb) as loop:
+                blk = loop.index
+                wp = b.gep(wbase, [b.mul(blk, ir.Constant(blk.type, gb))])
+                xp = b.gep(abase, [b.mul(blk, ir.Constant(blk.type, NP * 192))])
+                xs = [b.bitcast(_load_vec(b, _gep(b, xp, 192 * p), _I8, 64), v16i)
+                      for p in range(NP)]
+                dxs = [b.load(b.bitcast(_gep(b, xp, 192 * p + 128), v16f.as_pointer()), align=1)
+                       for p in range(NP)]
+                for i in range(RM):
+                    w = _load_vec(b, _gep(b, wp, QK * i), _I8, 32)
+                    wv = b.bitcast(_shuf(b, w, w, list(range(32)) * 2), v16i)
+                    dw = b.load(b.bitcast(_gep(b, wp, RM * QK + 4 * i), _F.as_pointer()), align=1)
+                    dwv = b.insert_element(ir.Constant(v16f, None), dw, ir.Constant(_I32, 0))
+                    dwv = _shuf(b, dwv, ir.Constant(v16f, None), [0] * 16)
+                    for p in range(NP):
+                        c = b.load(b.bitcast(_gep(b, xp, 192 * p + 64), v16i.as_pointer()),
+                                   align=1)
+                        lanes = _call(b, "llvm.x86.avx512.vpdpbusd.512", v16i, [c, wv, xs[p]])
+                        sv = b.fmul(dwv, dxs[p])  # d_w * d_x, per activation row
+                        acc = accs[i][p]
+                        b.store(_call(b, "llvm.fma.v16f32", v16f,
+                                      [sv, b.sitofp(lanes, v16f), b.load(acc)]), acc)
+            t0 = b.mul(hv, ir.Constant(hv.type, 2 * NP))
+            for i in range(RM):
+                r = b.add(r0v, ir.Constant(r0v.type, i))
+                with b.if_then(b.icmp_signed("<", r, rowsv)):
+                    for p in range(NP):
+                        a = b.load(accs[i][p])
+                        for hh in range(2):
+                            res = _lane_tree(b, _shuf(b, a, a, range(8 * hh, 8 * hh + 8)))
+                            t = b.add(t0, ir.Constant(t0.type, 2 * p + hh))
+                            o = b.add(b.mul(t, os0), b.mul(r, ir.Constant(os0.type, 4)))
+                            b.store(res, b.bitcast(b.gep(obase, [o]), _F.as_pointer()))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = f"_tile512_{RM}x{NP}"
+    return intrinsic(impl)
+
+
+RM2, RN2 = 4, 8  # 4 weight rows x 4 activation-row pairs: 16 zmm accumulators
+_NP2 = RN2 // 2
+_CHUNK2 = 64  # weight rows decoded per parallel work item (a multiple of RM2)
+
+_decode_q8_0 = _make_decode("q8_0", RM2)
+_decode_q5_0 = _make_decode("q5_0", RM2)
+_pack512_q8_0 = _make_pack(_OFFSET["q8_0"], _NP2)
+_pack512_q5_0 = _make_pack(_OFFSET["q5_0"], _NP2)
+_tile512 = _make_tile512(RM2, _NP2)
+
+
+@njit(parallel=True, cache=True)
+def _matmul_kernel512(data, kind, xq, xd, out):
+    rows = data.shape[0]
+    T, K = xq.shape
+    nb = K // QK
+    nfull2 = T // RN2 * RN2
+    nfull = nfull2 + (T - nfull2) // RN * RN
+    ngrp = nfull2 // RN2
+    ap = np.empty((ngrp, nb * _NP2 * 192), np.uint8)
+    for q in range(ngrp * _NP2):  # cheap: serial, so that the call has one parallel region
+        if kind == 0:
+            _pack512_q8_0(xq, xd, q, ap)
+        else:
+            _pack512_q5_0(xq, xd, q, ap)
+    for ch in prange((rows + _CHUNK2 - 1) // _CHUNK2):
+        lo = ch * _CHUNK2
+        hi = min(rows, lo + _CHUNK2)
+        ng = (hi - lo + RM2 - 1) // RM2
+        wg = np.empty((ng, nb * RM2 * (QK + 4)), np.uint8)
+        for g in range(ng):
+            for i in range(RM2):
+                r = min(lo + g * RM2 + i, hi - 1)
+                if kind == 0:
+                    _decode_q8_0(data, r, wg, g, i)
+                else:
+                    _decode_q5_0(data, r, wg, g, i)
+        for h in range(ngrp):
+            for g in range(ng):
+                _tile512(wg, g, ap, h, out, lo + g * RM2, hi)
+        for t0 in range(nfull2, nfull, RN):
+            for r0 in range(lo, hi, RM):
+                if kind == 0:
+                    _tile_q8_0_n(data, r0, xq, xd, t0, out)
+                else:
+                    _tile_q5_0_n(data, r0, xq, xd, t0, out)
+        for t0 in range(nfull, T):
+            for r0 in range(lo, hi, RM1):
+                if kind == 0:
+                    _tile_q8_0_1(data, r0, xq, xd, t0, out)
+                else:
+                    _tile_q5_0_1(data, r0, xq, xd, t0, out)
+
+
+# ----------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------
 
@@ -467,7 +759,10 @@ def matmul_q8_family_act(raw: np.ndarray, kind: str, xq: np.ndarray, xd: np.ndar
     if T and rows:
         if not xq.flags.writeable or not xd.flags.writeable:  # keep one specialisation
             xq, xd = xq.copy(), xd.copy()
-        _matmul_kernel(raw, _KIND_ID[kind], xq, xd, out)
+        if USE512 and T >= RN2:
+            _matmul_kernel512(raw, _KIND_ID[kind], xq, xd, out)
+        else:
+            _matmul_kernel(raw, _KIND_ID[kind], xq, xd, out)
     return out
 
 
