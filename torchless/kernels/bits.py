@@ -234,3 +234,26 @@ def _fma_f32(typingctx, a, b, c):
 def fma32(a, b, c):
     """``a * b + c`` in float32 with one rounding (a fused multiply-add)."""
     return _fma_f32(np.float32(a), np.float32(b), np.float32(c))
+
+
+@intrinsic
+def _f32_to_f16_bits(typingctx, v):
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def f32_to_f16_bits(x):
+    """float32 -> IEEE half bits, rounded to nearest even (F16C's ``vcvtps2ph``; overflow
+    to inf)."""
+    return _f32_to_f16_bits(np.float32(x))
+
+
+@njit(inline="always", cache=True)
+def round_f16(x):
+    """float32 -> nearest float16 (ties to even) -> float32."""
+    return f16_to_f32(f32_to_f16_bits(x))

@@ -54,61 +54,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .bits import fma32
+from .bits import round_f16 as f16r
 
 _LANES = 16
 
 
 # ---------------------------------------------------------------------------------------------
-# float16 rounding (vcvtps2ph, round to nearest even), value returned as float32
-
-
-@intrinsic
-def _f32_bits(typingctx, x):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, b):
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@njit(inline="always", cache=True)
-def f16r(x):
-    """float32 -> nearest float16 (ties to even) -> float32; as F16C/AVX-512 vcvtps2ph."""
-    b = _f32_bits(np.float32(x))
-    sign = b & np.uint32(0x80000000)
-    a = b & np.uint32(0x7FFFFFFF)
-    if a >= np.uint32(0x7F800000):          # inf / nan
-        return np.float32(x)
-    if a >= np.uint32(0x477FF000):          # >= 65520: overflows to inf
-        return _bits_f32(sign | np.uint32(0x7F800000))
-    if a >= np.uint32(0x38800000):          # f16 normal range: keep 10 mantissa bits
-        lsb = (a >> np.uint32(13)) & np.uint32(1)
-        a = (a + np.uint32(0xFFF) + lsb) & np.uint32(0xFFFFE000)
-        return _bits_f32(sign | a)
-    # f16 subnormal range: multiples of 2^-24
-    e = np.int64(a >> np.uint32(23))
-    if e < 101:
-        return _bits_f32(sign)
-    m = np.int64(a & np.uint32(0x7FFFFF)) | np.int64(0x800000)
-    sh = 126 - e                             # 14 .. 25
-    r = m >> sh
-    rem = m & ((np.int64(1) << sh) - 1)
-    half = np.int64(1) << (sh - 1)
-    if rem > half or (rem == half and (r & 1) == 1):
-        r += 1
-    v = np.float32(r) * np.float32(5.960464477539063e-08)   # exact: r <= 1024, 2^-24
-    return _bits_f32(sign | _f32_bits(v))
+# float16 rounding (vcvtps2ph, round to nearest even), value returned as float32: f16r in
+# kernels (kernels/bits.py), round_f16 for arrays
 
 
 def round_f16(x):

@@ -22,33 +22,15 @@ bit. The formulas (all float32 unless said):
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from .bits import f16_to_f32, fma32
-
-
-@intrinsic
-def _f32_to_f16_bits(typingctx, v):
-    sig = types.uint16(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-    return sig, codegen
-
-
-@njit(inline="always", cache=True)
-def f32_to_f16_bits(x):
-    """float32 -> IEEE half bits, rounded to nearest even (as F16C's ``vcvtps2ph``)."""
-    return _f32_to_f16_bits(np.float32(x))
+from .bits import f16_to_f32, f32_to_f16_bits, fma32, round_f16
 
 
 @njit(inline="always", cache=True)
 def _round_f16_row(x, out, i):
     for j in range(x.shape[1]):
-        out[i, j] = f16_to_f32(f32_to_f16_bits(x[i, j]))
+        out[i, j] = round_f16(x[i, j])
 
 
 @njit(cache=True, parallel=True)

@@ -48,7 +48,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .bits import PREFETCH_BYTES, _lane_tree, _prefetch_ir
+from .bits import PREFETCH_BYTES, _lane_tree, _prefetch_ir, round_f16
+from .quant_q8 import _detect_isa
 
 __all__ = [
     "BLOCK_BYTES",
@@ -67,77 +68,6 @@ _F32 = np.float32
 # ----------------------------------------------------------------------------------------
 # Step 1: ggml's x86 quantize_row_q8_0
 # ----------------------------------------------------------------------------------------
-
-
-@intrinsic
-def _f32_bits(typingctx, v):
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, v):
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@njit(inline="always", cache=True)
-def f32_to_f16_bits(v):
-    """float32 -> IEEE half bits, round to nearest even (F16C ``_cvtss_sh(v, 0)``)."""
-    u = np.int64(_f32_bits(v))
-    sign = (u >> 31) << 15
-    e = (u >> 23) & 0xFF
-    m = u & 0x7FFFFF
-    if e == 0xFF:  # inf / nan (quiet)
-        return sign | 0x7C00 | ((m >> 13) | (0x200 if m else 0))
-    he = e - 112  # the half's biased exponent
-    if he >= 1:  # normal half (or overflow)
-        h = (he << 10) + (m >> 13)
-        rem = m & 0x1FFF
-        if rem > 0x1000 or (rem == 0x1000 and (h & 1)):
-            h += 1
-        if h >= 0x7C00:
-            h = 0x7C00
-        return sign | h
-    # subnormal half: value in units of 2^-24 is (m | 2^23) * 2^(e - 126)
-    s = 126 - e
-    if s > 25 or e == 0:  # below 2^-25 (float32 subnormals included): rounds to zero
-        return sign
-    mm = m | 0x800000
-    h = mm >> s
-    rem = mm & ((np.int64(1) << s) - 1)
-    half = np.int64(1) << (s - 1)
-    if rem > half or (rem == half and (h & 1)):
-        h += 1
-    return sign | h
-
-
-@njit(inline="always", cache=True)
-def f16_bits_to_f32(h):
-    """IEEE half bits -> float32 (exact)."""
-    sign = np.uint32((h >> 15) & 1) << np.uint32(31)
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
-    if e == 0x1F:
-        return _bits_f32(sign | np.uint32(0x7F800000) | np.uint32(m << 13))
-    if e == 0:
-        v = _F32(m) * _F32(5.960464477539063e-08)  # m * 2^-24, exact
-        return -v if sign else v
-    return _bits_f32(sign | np.uint32((e + 112) << 23) | np.uint32(m << 13))
-
-
-@njit(inline="always", cache=True)
-def round_f16(v):
-    """float32 -> nearest half (ties to even) -> float32."""
-    return f16_bits_to_f32(f32_to_f16_bits(v))
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -193,31 +123,9 @@ def quantize_act_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # Steps 2-4: tiles of RM weight rows x RN activation rows, as LLVM IR
 # ----------------------------------------------------------------------------------------
 
-_ISA_ORDER = ("generic", "avx2", "vnni")
-
-
-def _detect_isa() -> str:
-    isa = "generic"
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        try:
-            from llvmlite import binding as llvm
-
-            f = llvm.get_host_cpu_features()
-        except Exception:  # pragma: no cover
-            f = {}
-        if f.get("avx2", False):
-            isa = "avx2"
-            if f.get("avxvnni", False) or (f.get("avx512vnni", False) and f.get("avx512vl", False)):
-                isa = "vnni"
-    want = os.environ.get("TORCHLESS_GGML_Q8_ISA", "").strip().lower()
-    if want in _ISA_ORDER and _ISA_ORDER.index(want) < _ISA_ORDER.index(isa):
-        isa = want
-    return isa
-
-
 #: integer instruction tier the tiles use (the results do not depend on it). Changing it via
 #: TORCHLESS_GGML_Q8_ISA needs a fresh NUMBA_CACHE_DIR (the cache does not key on it).
-ISA = _detect_isa()
+ISA = _detect_isa("TORCHLESS_GGML_Q8_ISA")
 
 _I1, _I8, _I16, _I32, _I64 = (ir.IntType(n) for n in (1, 8, 16, 32, 64))
 _F = ir.FloatType()

@@ -337,10 +337,11 @@ _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntTyp
 _ISA_ORDER = ("generic", "avx2", "vnni")
 
 
-def _detect_isa() -> str:
+def _detect_isa(env: str = "TORCHLESS_Q8ACT_ISA") -> str:
     """Which integer dot-product instructions the host has: "vnni" (AVX-VNNI or
     AVX512-VNNI+VL, x86), "avx2" (x86) or "generic" (portable LLVM IR, any host).
-    ``TORCHLESS_Q8ACT_ISA`` may lower the choice (e.g. to test the portable code)."""
+    The environment variable ``env`` may lower the choice (e.g. to test the portable
+    code)."""
     isa = "generic"
     if platform.machine().lower() in ("x86_64", "amd64"):
         try:
@@ -353,7 +354,7 @@ def _detect_isa() -> str:
             isa = "avx2"
             if f.get("avxvnni", False) or (f.get("avx512vnni", False) and f.get("avx512vl", False)):
                 isa = "vnni"
-    want = os.environ.get("TORCHLESS_Q8ACT_ISA", "").strip().lower()
+    want = os.environ.get(env, "").strip().lower()
     if want in _ISA_ORDER and _ISA_ORDER.index(want) < _ISA_ORDER.index(isa):
         isa = want
     return isa
