@@ -317,6 +317,24 @@ _tile_q8_0_n = _make_tile("q8_0", RM, RN)
 _tile_q5_0_n = _make_tile("q5_0", RM, RN)
 
 
+@njit(inline="always", cache=True)
+def _rows_tiles(kind, data, xq, xd, out, lo, hi, t_start, nfull, T):
+    """Weight rows lo..hi against activation rows t_start..T: 4x4 tiles up to nfull, then
+    one activation row at a time."""
+    for t0 in range(t_start, nfull, RN):
+        for r0 in range(lo, hi, RM):
+            if kind == 0:
+                _tile_q8_0_n(data, r0, xq, xd, t0, out)
+            else:
+                _tile_q5_0_n(data, r0, xq, xd, t0, out)
+    for t0 in range(nfull, T):
+        for r0 in range(lo, hi, RM1):
+            if kind == 0:
+                _tile_q8_0_1(data, r0, xq, xd, t0, out)
+            else:
+                _tile_q5_0_1(data, r0, xq, xd, t0, out)
+
+
 @njit(parallel=True, cache=True)
 def _matmul_kernel(data, kind, xq, xd, out):
     rows = data.shape[0]
@@ -325,18 +343,7 @@ def _matmul_kernel(data, kind, xq, xd, out):
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
         lo = ch * _CHUNK
         hi = min(rows, lo + _CHUNK)
-        for t0 in range(0, nfull, RN):
-            for r0 in range(lo, hi, RM):
-                if kind == 0:
-                    _tile_q8_0_n(data, r0, xq, xd, t0, out)
-                else:
-                    _tile_q5_0_n(data, r0, xq, xd, t0, out)
-        for t0 in range(nfull, T):
-            for r0 in range(lo, hi, RM1):
-                if kind == 0:
-                    _tile_q8_0_1(data, r0, xq, xd, t0, out)
-                else:
-                    _tile_q5_0_1(data, r0, xq, xd, t0, out)
+        _rows_tiles(kind, data, xq, xd, out, lo, hi, 0, nfull, T)
 
 
 # ----------------------------------------------------------------------------------------
@@ -613,18 +620,7 @@ def _matmul_kernel512(data, kind, xq, xd, out):
         for h in range(ngrp):
             for g in range(ng):
                 _tile512(wg, g, ap, h, out, lo + g * RM2, hi)
-        for t0 in range(nfull2, nfull, RN):
-            for r0 in range(lo, hi, RM):
-                if kind == 0:
-                    _tile_q8_0_n(data, r0, xq, xd, t0, out)
-                else:
-                    _tile_q5_0_n(data, r0, xq, xd, t0, out)
-        for t0 in range(nfull, T):
-            for r0 in range(lo, hi, RM1):
-                if kind == 0:
-                    _tile_q8_0_1(data, r0, xq, xd, t0, out)
-                else:
-                    _tile_q5_0_1(data, r0, xq, xd, t0, out)
+        _rows_tiles(kind, data, xq, xd, out, lo, hi, nfull2, nfull, T)
 
 
 # ----------------------------------------------------------------------------------------
