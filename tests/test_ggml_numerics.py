@@ -186,3 +186,30 @@ def test_attention(ops, model, tag, T, P, L):
     q = ops[p + "attn_q"]  # already scaled by llama.cpp: pass scale 1
     out = GgmlOps.attention(q, kc, vc, P, 1.0, 0.0, cfg.layer_windows[L] or 0, None)
     same_bits(out, ops[p + "attn_out"])
+
+
+@needs_model
+def test_last_layer_goes_on_with_the_output_rows_only(model, monkeypatch):
+    """llama.cpp's graph keeps only the rows whose logits are wanted past the last layer's
+    attention (``ggml_get_rows(cur, inp_out_ids)`` in gemma3.cpp), so a prefill asking for the
+    last logits runs the last MLP on one row, whose products sum in the one-row order
+    (vec_dot / gemv), not in a batch's (tiled from 8 rows for Q6_K, gemm for Q4_K)."""
+    last = model.layers[-1]
+    seen = []
+    mlp = model._mlp
+
+    def spy(ops, layer, h):
+        if layer is last:
+            seen.append(h.shape[0])
+        return mlp(ops, layer, h)
+
+    monkeypatch.setattr(model, "_mlp", spy)
+    ids = list(range(1000, 1016))
+    model.prefill(model.new_state(), ids)
+    model.prefill(model.new_state(), ids, all_logits=True)  # every row is an output
+    assert seen == [1, len(ids)]
+
+
+def test_quantize_on_load_is_refused_with_llama_cpp_numerics(make_checkpoint):
+    with pytest.raises(TorchlessError, match="cannot be combined with quantize"):
+        torchless.ModelLoader.load_auto(make_checkpoint(), quantize="q8_0", numerics="llama.cpp")

@@ -256,7 +256,12 @@ class DecoderModel:
             kd.decode_head(xv, *packed[1], logits[0])
         else:
             for i, layer in enumerate(self.layers):
-                x = self._layer(ops, layer, i, x, state, P, tables[cfg.layer_rope[i]], logn)
+                # llama.cpp keeps only the output rows past the last layer's attention
+                # (inp_out_ids), so its last MLP sums as for one row when one is wanted
+                kw = ({"last_only": True} if ggml and not all_logits
+                      and i == len(self.layers) - 1 else {})
+                x = self._layer(ops, layer, i, x, state, P, tables[cfg.layer_rope[i]], logn,
+                                **kw)
             if not all_logits:
                 x = x[-1:]
             h = ops.norm(x, cfg.norm, self.final_norm[0], self.final_norm[1], cfg.norm_eps)
@@ -323,7 +328,8 @@ class DecoderModel:
         self._packed = (layers, head)
         return self._packed
 
-    def _layer(self, ops, layer: Layer, i: int, x, state, P, rope_table, logn):
+    def _layer(self, ops, layer: Layer, i: int, x, state, P, rope_table, logn,
+               last_only: bool = False):
         cfg = self.config
         T = x.shape[0]
         nH, nKV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -356,6 +362,8 @@ class DecoderModel:
         a = ops.attention(q, kc, vc, P, cfg.attn_scale, cfg.attn_softcap or 0.0,
                           cfg.layer_windows[i] or 0, logn)
         a = ops.linear(a.reshape(T, nH * D), layer.w["attn_output"], layer.b.get("attn_output"))
+        if last_only:
+            a, x, h = a[-1:], x[-1:], h[-1:]
         if cfg.residual == "parallel":
             return x + a + self._mlp(ops, layer, h)
         if cfg.residual == "sandwich":

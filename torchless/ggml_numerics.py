@@ -42,8 +42,12 @@ def check_supported(model) -> None:
         problems.append(f"weight kinds {', '.join(bad)} (covered: {', '.join(_KINDS)})")
     if any(layer.b for layer in model.layers) or model.output_bias is not None:
         problems.append("biases")
-    if cfg.norm != "rms" or (cfg.qk_norm and cfg.qk_norm != "rms"):
+    if cfg.norm != "rms":
         problems.append(f"norm {cfg.norm!r} (covered: 'rms')")
+    if cfg.qk_norm and cfg.qk_norm != "rms":
+        problems.append(f"q/k norm {cfg.qk_norm!r} (covered: 'rms')")
+    if cfg.head_dim % 64:
+        problems.append(f"head size {cfg.head_dim} (covered: multiples of 64)")
     if any(b is not None for b in model.final_norm[1:]):
         problems.append("norm biases")
     if cfg.mlp != "gated" or cfg.activation != "gelu_tanh":

@@ -119,14 +119,22 @@ def build_model(params: Parameters, family: str | None = None, model_class=None,
         cfg.eos_token_ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *extra]))
     tensors = gather_tensors(params, spec, cfg)
     if quantize:
+        if numerics != "torchless":
+            from .errors import TorchlessError
+
+            raise TorchlessError(f"numerics={numerics!r} computes what llama.cpp computes on the "
+                                 "file's own weights; it cannot be combined with quantize=")
         from .quantize import quantize_tensors
 
         tensors = quantize_tensors(tensors, quantize)
     tokenizer = build_tokenizer(params, cfg)
     # A plugin's own model class wins (its forward differs); else the family class asked for.
     cls = spec.model_class or model_class or FAMILY_CLASSES.get(spec.family, DecoderModel)
+    # numerics is passed only when asked for, so that a plugin's own model class written
+    # against the older signature keeps loading
+    extra = {} if numerics == "torchless" else {"numerics": numerics}
     return cls(cfg, tensors, tokenizer=tokenizer, spec=spec, params=params, act_quant=act_quant,
-               numerics=numerics)
+               **extra)
 
 
 class ModelLoader:
