@@ -94,7 +94,7 @@ def test_f16_rounding_is_nearest_even():
         same_bits(out[0], x.astype(np.float16).astype(np.float32))
 
 
-def test_unknown_numerics_is_refused(tmp_path):
+def test_unknown_numerics_is_refused():
     from torchless.ggml_numerics import check_numerics
 
     with pytest.raises(TorchlessError, match="llama.cpp"):

@@ -53,7 +53,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .bits import fma32
+from .bits import _lane_tree, fma32
 from .bits import round_f16 as f16r
 
 _LANES = 16
@@ -75,16 +75,8 @@ def round_f16(x):
 # dot products in the two orders ggml uses (inputs: contiguous float32 holding f16 values)
 
 
-def _lane_tree(builder, v):
-    """_mm512_reduce_add_ps: upper half + lower half lane-wise until one lane is left."""
-    while v.type.count > 1:
-        h = v.type.count // 2
-        i32 = ir.IntType(32)
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h), list(range(h))))
-        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h),
-                                                      list(range(h, 2 * h))))
-        v = builder.fadd(hi, lo)
-    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+# _lane_tree (kernels/bits.py) is _mm512_reduce_add_ps: the upper half added to the lower
+# half lane by lane until one lane is left
 
 
 def _dot_codegen(nacc):
