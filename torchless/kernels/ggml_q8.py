@@ -48,8 +48,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .bits import PREFETCH_BYTES, _lane_tree, _prefetch_ir, round_f16
-from .quant_q8 import _detect_isa
+from .bits import PREFETCH_BYTES, _lane_tree, _prefetch_ir
+from .quant_q8 import _detect_isa, _q8_0_act_x86_into
 
 __all__ = [
     "BLOCK_BYTES",
@@ -74,26 +74,8 @@ _F32 = np.float32
 def _quantize_rows(x, xq, xd):
     """Each row of ``x [T, K]`` to q8_0: ``xq`` int8 [T, K], ``xd`` (the half scale as
     float32) [T, K // 32]; ggml's AVX ``quantize_row_q8_0``."""
-    T, K = x.shape
-    for t in prange(T):
-        xr = x[t]
-        qr = xq[t]
-        for b in range(K // QK):
-            o = b * QK
-            seg = xr[o : o + QK]
-            amax = _F32(0)
-            for j in range(QK):
-                a = abs(seg[j])
-                amax = a if a > amax else amax
-            xd[t, b] = round_f16(amax / _F32(127.0))
-            inv = _F32(127.0) / amax if amax != _F32(0) else _F32(0)  # inf if amax < 3.7e-37
-            qseg = qr[o : o + QK]
-            for j in range(QK):
-                v = np.rint(seg[j] * inv)  # float32 product, then round half to even
-                if abs(v) < _F32(2147483648.0):
-                    qseg[j] = np.int8(min(_F32(127.0), max(_F32(-128.0), v)))
-                else:  # inf/NaN (127/amax overflowed): cvtps2dq gives INT_MIN -> -128
-                    qseg[j] = np.int8(-128)
+    for t in prange(x.shape[0]):
+        _q8_0_act_x86_into(x[t], xd[t], xq[t])
 
 
 def quantize_act_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -248,7 +248,11 @@ def _q8_0_act_x86_into(x, d, qs):
         seg = x[o : o + 32]  # slices and range(32): loops LLVM vectorises
         qseg = qs[o : o + 32]
         for j in range(32):
-            qseg[j] = np.int8(min(_F32(127.0), max(_F32(-128.0), np.rint(seg[j] * inv))))
+            v = np.rint(seg[j] * inv)
+            if abs(v) < _F32(2147483648.0):
+                qseg[j] = np.int8(min(_F32(127.0), max(_F32(-128.0), v)))
+            else:  # inf/NaN (127/amax overflowed, amax < 3.7e-37): cvtps2dq gives -128
+                qseg[j] = np.int8(-128)
 
 
 @njit(cache=True, error_model="numpy")
