@@ -1,4 +1,4 @@
-"""The ``torchless`` command: generate, chat, inspect, bench."""
+"""The ``torchless`` command: generate, chat, inspect, bench, perplexity."""
 from __future__ import annotations
 
 import argparse
@@ -106,6 +106,29 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_perplexity(args) -> int:
+    from pathlib import Path
+
+    from .perplexity import PerplexityError, default_progress, format_result, perplexity
+
+    text = None
+    if args.file is not None:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PerplexityError(f"cannot read text file {args.file!r}: {e}") from None
+    elif args.kl_divergence is None:
+        raise PerplexityError("usage: torchless perplexity MODEL FILE (FILE may be omitted "
+                              "only with --kl-divergence, whose base file holds the tokens)")
+    model = _load(args.model, args.lazy, args.quantize, args.act_quant, args.numerics)
+    progress = None if args.no_progress else default_progress()
+    r = perplexity(model, text, ctx=args.ctx, batch=args.batch, chunks=args.chunks,
+                   save_logits=args.save_logits, kl_divergence=args.kl_divergence,
+                   progress=progress)
+    print(json.dumps(r.to_dict()) if args.json else format_result(r))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="torchless", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +161,30 @@ def main(argv=None) -> int:
     b.add_argument("--numerics", choices=["torchless", "llama.cpp"], default="torchless")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    pp = sub.add_parser("perplexity", help="perplexity over a text and KL divergence against "
+                        "a base model's logits, as llama-perplexity computes them")
+    pp.add_argument("model")
+    pp.add_argument("file", nargs="?", default=None, help="a UTF-8 text file")
+    pp.add_argument("--ctx", type=int, default=512, help="window length (llama.cpp's -c)")
+    pp.add_argument("--batch", type=int, default=None,
+                    help="tokens per prefill call (default: the whole window)")
+    pp.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
+    kl = pp.add_mutually_exclusive_group()
+    kl.add_argument("--save-logits", metavar="BASE", default=None,
+                    help="write this run's log-probabilities as a base file (.npz; any other "
+                         "name: llama-perplexity's --kl-divergence-base format)")
+    kl.add_argument("--kl-divergence", metavar="BASE", default=None,
+                    help="compare with a base file (.npz or llama-perplexity's)")
+    pp.add_argument("--threads", type=int, default=None)
+    pp.add_argument("--lazy", action="store_true")
+    pp.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None)
+    pp.add_argument("--act-quant", action=argparse.BooleanOptionalAction, default=None,
+                    help="8-bit activations for quantized weights (default: on for them)")
+    pp.add_argument("--numerics", choices=["torchless", "llama.cpp"], default="torchless")
+    pp.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(func=cmd_perplexity)
 
     args = parser.parse_args(argv)
     threads = getattr(args, "threads", None)

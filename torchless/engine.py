@@ -122,15 +122,22 @@ class DecoderModel:
         """Run one token through the Numba kernels; sets ``state.logits``."""
         return self._step(state, [token], fast=True, all_logits=False)
 
-    def prefill(self, state: InferenceState, ids, all_logits: bool = False) -> np.ndarray:
+    def prefill(self, state: InferenceState, ids, all_logits: bool = False,
+                logits_from: int = 0) -> np.ndarray:
         """Run many tokens as one batch (matrix products per layer) and fill the KV cache.
 
-        Returns the last position's logits ``[V]`` or, with ``all_logits``, ``[T, V]``.
+        Returns the last position's logits ``[V]`` or, with ``all_logits``, ``[T, V]``;
+        ``logits_from=k`` (with ``all_logits``) returns only rows ``k..T-1`` and computes the
+        output head (and, with llama.cpp numerics, the last layer's MLP) for those rows only,
+        as llama.cpp does for the positions a batch asks logits for.
         """
         ids = list(ids)
         if not ids:
             raise ValueError("prefill needs at least one token")
-        return self._step(state, ids, fast=True, all_logits=all_logits)
+        if not 0 <= logits_from < len(ids):
+            raise ValueError(f"logits_from={logits_from} is outside [0, {len(ids)})")
+        return self._step(state, ids, fast=True, all_logits=all_logits,
+                          logits_from=logits_from if all_logits else 0)
 
     def forward_tokens(self, state: InferenceState, ids, all_logits: bool = True) -> np.ndarray:
         """The reference path over many tokens at once (used by tests and ``prefill`` checks)."""
@@ -215,16 +222,18 @@ class DecoderModel:
                 return True
         return False
 
-    def _step(self, state: InferenceState, ids, fast: bool, all_logits: bool) -> np.ndarray:
+    def _step(self, state: InferenceState, ids, fast: bool, all_logits: bool,
+              logits_from: int = 0) -> np.ndarray:
         self._check_ids(ids)
         state.check_room(len(ids))
         P = state.pos
         if self._needs_recompute(P, len(ids)):
             history = state.tokens[:P]
             state.reset()
-            out = self._step(state, history + list(ids), fast, all_logits)
+            out = self._step(state, history + list(ids), fast, all_logits,
+                             P + logits_from if all_logits else 0)
             if all_logits:
-                return out[P:]
+                return out
             return out
         cfg = self.config
         T = len(ids)
@@ -258,12 +267,15 @@ class DecoderModel:
             for i, layer in enumerate(self.layers):
                 # llama.cpp keeps only the output rows past the last layer's attention
                 # (inp_out_ids), so its last MLP sums as for one row when one is wanted
-                kw = ({"last_only": True} if ggml and not all_logits
-                      and i == len(self.layers) - 1 else {})
+                keep = T - 1 if not all_logits else logits_from
+                kw = ({"keep_from": keep} if ggml and keep and i == len(self.layers) - 1
+                      else {})
                 x = self._layer(ops, layer, i, x, state, P, tables[cfg.layer_rope[i]], logn,
                                 **kw)
             if not all_logits:
                 x = x[-1:]
+            elif logits_from and x.shape[0] == T:
+                x = x[logits_from:]
             h = ops.norm(x, cfg.norm, self.final_norm[0], self.final_norm[1], cfg.norm_eps)
             logits = ops.linear(h, self.output, self.output_bias)
             if cfg.final_softcap:
@@ -329,7 +341,7 @@ class DecoderModel:
         return self._packed
 
     def _layer(self, ops, layer: Layer, i: int, x, state, P, rope_table, logn,
-               last_only: bool = False):
+               keep_from: int = 0):
         cfg = self.config
         T = x.shape[0]
         nH, nKV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -362,8 +374,8 @@ class DecoderModel:
         a = ops.attention(q, kc, vc, P, cfg.attn_scale, cfg.attn_softcap or 0.0,
                           cfg.layer_windows[i] or 0, logn)
         a = ops.linear(a.reshape(T, nH * D), layer.w["attn_output"], layer.b.get("attn_output"))
-        if last_only:
-            a, x, h = a[-1:], x[-1:], h[-1:]
+        if keep_from:
+            a, x, h = a[keep_from:], x[keep_from:], h[keep_from:]
         if cfg.residual == "parallel":
             return x + a + self._mlp(ops, layer, h)
         if cfg.residual == "sandwich":
