@@ -16,10 +16,18 @@ from quant_blocks import random_blocks
 GGML = {
     "q8_0": G.Q8_0,
     "q4_0": G.Q4_0,
+    "q4_1": G.Q4_1,
     "q5_0": G.Q5_0,
     "q4_k": G.Q4_K,
     "q5_k": G.Q5_K,
     "q6_k": G.Q6_K,
+    "q5_1": G.Q5_1,
+    "iq4_nl": G.IQ4_NL,
+    "q2_k": G.Q2_K,
+    "q3_k": G.Q3_K,
+    "iq4_xs": G.IQ4_XS,
+    "tq1_0": G.TQ1_0,
+    "tq2_0": G.TQ2_0,
 }
 KINDS = list(GGML)
 
@@ -37,7 +45,7 @@ def test_block_info_matches_gguf():
     with pytest.raises(UnsupportedError):
         Q.bytes_per_row("q4_k", 100)
     with pytest.raises(UnsupportedError):
-        Q.block_info("q4_1")
+        Q.block_info("iq2_xxs")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -155,7 +163,7 @@ def test_dispatcher_errors():
     rng = np.random.default_rng(4)
     data = random_blocks("q4_0", 3, 2, rng)
     with pytest.raises(UnsupportedError):
-        Q.matvec("q4_1", data, np.zeros(64, np.float32))
+        Q.matvec("iq2_xxs", data, np.zeros(64, np.float32))
     with pytest.raises(TensorShapeError):
         Q.matvec("q4_0", data, np.zeros(63, np.float32))
     with pytest.raises(TensorShapeError):
