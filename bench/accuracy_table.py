@@ -40,15 +40,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_GGUF = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_1", "q5_0", "q4_k_m", "q4_1",
               "q4_0", "iq4_xs", "iq4_nl", "q3_k_m", "q2_k", "tq2_0", "tq1_0"]
+COLS = ["torchless (torchless)", "torchless (llama.cpp)", "torchless (float activations)"]
 GEMMA_GGUF = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0"]
 
 
-def torchless_row(path, quantize, numerics, text, ctx, chunks, base, save=None):
+def torchless_row(path, quantize, numerics, text, ctx, chunks, base, save=None,
+                  act_quant=None):
     import torchless
     from torchless.perplexity import perplexity
 
     try:
-        m = torchless.ModelLoader.load_auto(str(path), quantize=quantize, numerics=numerics)
+        m = torchless.ModelLoader.load_auto(str(path), quantize=quantize, numerics=numerics,
+                                            act_quant=act_quant)
+        if act_quant is False and not any(
+                w.kind not in ("f32", "f16", "bf16") for layer in m.layers
+                for w in layer.w.values()):
+            return {"error": "float weights (no activation quantization to turn off)"}
     except torchless.TorchlessError as e:
         return {"error": str(e).splitlines()[0][:200]}
     r = perplexity(m, None if base else text, ctx=ctx, chunks=chunks, kl_divergence=base,
@@ -131,22 +138,46 @@ def cell(r, key, spec):
 
 
 def markdown(rows, numerics_cols):
+    """One line per engine and weight kind; the last column: torchless's mean KLD against
+    llama.cpp's on the same file (the target: ≤)."""
     head = ["weights", "engine", "PPL", "Δppl", "mean KLD", "median KLD", "p99 KLD",
-            "same top %"]
+            "same top %", "KLD ≤ llama.cpp's"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        lc = row["results"].get("llama.cpp")
+        lk = None if not lc or "error" in lc else lc.get("kld_mean")
         for eng, r in row["results"].items():
             if eng not in numerics_cols and eng != "llama.cpp":
                 continue
+            if (r is None or "error" in r) and eng in COLS[1:]:
+                continue  # kinds llama.cpp numerics do not cover; float weights
+            verdict = ""
+            if eng != "llama.cpp" and r and "error" not in r and lk is not None:
+                tk = r.get("kld_mean")
+                # llama-perplexity prints 6 decimals: compare at that precision
+                verdict = "yes" if round(tk, 6) <= lk else f"no ({tk / lk:.2f}×)"
+            name = {"torchless (torchless)": "torchless",
+                    "torchless (llama.cpp)": "torchless, numerics=llama.cpp",
+                    "torchless (float activations)": "torchless, float activations",
+                    }.get(eng, eng)
             out.append("| " + " | ".join([
-                row["label"], eng, cell(r, "ppl", ".4f"), cell(r, "ppl_diff", "+.4f"),
-                cell(r, "kld_mean", ".3g"), cell(r, "kld_median", ".3g"),
-                cell(r, "kld_p99", ".3g"), cell(r, "same_top", ".2f")]) + " |")
+                row["label"], name, cell(r, "ppl", ".2f"), cell(r, "ppl_diff", "+.2f"),
+                cell(r, "kld_mean", ".6f"), cell(r, "kld_median", ".6f"),
+                cell(r, "kld_p99", ".6f"), cell(r, "same_top", ".2f"), verdict]) + " |")
     return "\n".join(out)
+
+
+def render(path) -> str:
+    """The Markdown table of a results file (``--render FILE``)."""
+    doc = json.loads(Path(path).read_text())
+    return markdown(doc["rows"], COLS)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--render":
+        print(render(sys.argv[2]))
+        return 0
     ap.add_argument("--set", choices=["llama134m", "gemma3"], required=True)
     ap.add_argument("--llama-perplexity", required=True)
     ap.add_argument("--text", type=Path, default=ROOT / "tests/data/devils_dictionary.txt")
@@ -160,6 +191,8 @@ def main(argv=None) -> int:
                     help="the original Gemma 3 270M Q4_K_M file (default: the pip package's)")
     ap.add_argument("--work", type=Path, default=Path("/work/peer/ppl/run"))
     ap.add_argument("--only", default=None, help="comma-separated row labels to run")
+    ap.add_argument("--float-act", action="store_true",
+                    help="also torchless with float32 activations (act_quant=False)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
 
@@ -170,18 +203,21 @@ def main(argv=None) -> int:
     text = a.text.read_text(encoding="utf-8")
     if a.set == "llama134m":
         float_model, float_gguf = a.hf, a.gguf_dir / "llama134m-f32.gguf"
+        g = {f: a.gguf_dir / f"llama134m-{f}.gguf" for f in LLAMA_GGUF}
         rows = [("f32 (HF safetensors)", a.hf, None, None),
-                ("q8_0 on load", a.hf, "q8_0", "q8_0"), ("q4_0 on load", a.hf, "q4_0", "q4_0")]
-        rows += [(f"GGUF {f.upper()}", a.gguf_dir / f"llama134m-{f}.gguf", None, f)
-                 for f in LLAMA_GGUF]
+                ("q8_0 on load", a.hf, "q8_0", g["q8_0"]),
+                ("q4_0 on load", a.hf, "q4_0", g["q4_0"])]
+        rows += [(f"GGUF {f.upper()}", g[f], None, g[f]) for f in LLAMA_GGUF]
     else:
         from torchless.demo import default_model_path
 
         float_model = float_gguf = a.gemma_dir / "gemma-f32.gguf"
         q4km = a.gemma_q4km or Path(default_model_path())
-        rows = [(f"GGUF {f.upper()}", a.gemma_dir / f"gemma-{f}.gguf", None, f)
-                for f in GEMMA_GGUF]
-        rows.insert(0, ("original Q4_K_M file", q4km, None, "orig"))
+        g = {f: a.gemma_dir / f"gemma-{f}.gguf" for f in GEMMA_GGUF}
+        rows = [("original Q4_K_M file", q4km, None, q4km),
+                ("q8_0 on load", float_model, "q8_0", g["q8_0"]),
+                ("q4_0 on load", float_model, "q4_0", g["q4_0"])]
+        rows += [(f"GGUF {f.upper()}", g[f], None, g[f]) for f in GEMMA_GGUF]
     rows = [r for r in rows if r[0].startswith("q") or Path(r[1]).exists()]
     all_rows = list(rows)
     if a.only:
@@ -225,25 +261,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_row(a, text, base, label, path, quantize, kind):
+def run_row(a, text, base, label, path, quantize, llama_path):
+    """One weight kind: torchless (each numerics mode that applies) and llama.cpp on
+    ``llama_path`` (for the on-load kinds: llama.cpp's file of the same kind)."""
     res = {}
     for numerics in ("torchless", "llama.cpp"):
-        if numerics == "llama.cpp" and a.set != "gemma3":
+        if numerics == "llama.cpp" and (a.set != "gemma3" or quantize):
             continue
         res[f"torchless ({numerics})"] = flat_torchless(torchless_row(
             path, quantize, numerics, text, a.ctx, a.chunks, base))
-    if quantize is None:
-        res["llama.cpp"] = llama_row(a.llama_perplexity, path, a.text, a.ctx, a.threads,
-                                     base=base)
-    else:  # the on-load kinds beside llama.cpp's file of the same kind
-        g = a.gguf_dir / f"llama134m-{kind}.gguf"
-        res["llama.cpp"] = (llama_row(a.llama_perplexity, g, a.text, a.ctx, a.threads,
-                                      base=base) if g.exists() else None)
+    if a.float_act:
+        res["torchless (float activations)"] = flat_torchless(torchless_row(
+            path, quantize, "torchless", text, a.ctx, a.chunks, base, act_quant=False))
+    ok = llama_path is not None and Path(llama_path).exists() and Path(llama_path).is_file()
+    res["llama.cpp"] = (llama_row(a.llama_perplexity, llama_path, a.text, a.ctx, a.threads,
+                                  base=base) if ok else None)
     return {"label": label, "path": str(path), "quantize": quantize, "results": res}
 
 
 def finish(a, doc) -> None:
-    print(markdown(doc["rows"], ["torchless (torchless)", "torchless (llama.cpp)"]))
+    print(markdown(doc["rows"], COLS))
     if a.out:
         a.out.write_text(json.dumps(doc, indent=1) + "\n")
 

@@ -201,3 +201,12 @@ def test_prefill_logits_from(model):
     np.testing.assert_allclose(part, full[25:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="logits_from"):
         model.prefill(model.new_state(), ids, all_logits=True, logits_from=40)
+
+
+def test_progress_line(model):
+    import io
+
+    s = io.StringIO()
+    perplexity(model, SLICE, ctx=64, chunks=3, progress=s)
+    out = s.getvalue()
+    assert "1/3 windows" in out and "3/3 windows" in out and out.endswith("\n")
