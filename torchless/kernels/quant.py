@@ -23,6 +23,12 @@ q4_0        32     18    d, qs[16]: element j in the low nibble of qs[j],
 q4_1        32     20    d, m, qs[16] as q4_0;                w = d * q + m
 q5_0        32     22    d, qh (uint32, bit j = 5th bit of element j), qs[16] as q4_0;
                                                               w = d * (q - 16)
+q5_1        32     24    d, m, qh, qs[16] as q5_0;            w = d * q + m
+iq4_nl      32     18    d, qs[16] as q4_0;                   w = d * IQ4NL_VALUES[q]
+q2_k       256     84    scales[16] (4-bit scale | 4-bit min << 4), qs[64] (2-bit), d, dmin;
+                         16 sub-blocks of 16;                 w = d*sc*q - dmin*m
+q3_k       256    110    hmask[32], qs[64] (2-bit), scales[12] (16 six-bit), d;
+                         q = low - 4 unless the hmask bit is set; w = d * (sc - 32) * q
 q4_k       256    144    d, dmin, scales[12] (8 pairs of 6-bit scale/min), qs[128]:
                          the 32 bytes qs[32i:32i+32] hold sub-block 2i in the low nibbles
                          and sub-block 2i+1 in the high ones; w = d*sc*q - dmin*m
@@ -30,7 +36,17 @@ q5_k       256    176    d, dmin, scales[12], qh[32] (bit s of qh[l] = 5th bit o
                          l of sub-block s), qs[128] as q4_k;  w = d*sc*q - dmin*m
 q6_k       256    210    ql[128], qh[64], int8 scales[16], d; 16 sub-blocks of 16;
                                                               w = d * sc * (q - 32)
+iq4_xs     256    136    d, scales_h, scales_l[4] (8 six-bit), qs[128] (8 x 16 nibbles);
+                                                 w = d * (sc - 32) * IQ4NL_VALUES[q]
+tq1_0      256     54    qs[48], qh[4] (5 / 4 base-3 digits a byte), d; w = d * (t - 1)
+tq2_0      256     66    qs[64] (2-bit), d;                   w = d * (q - 1)
 ========  ======  =====  ============================================================
+
+Adding a format: one section below (block layout in a comment, ``_deq_<kind>``,
+``_dot_<kind>``, ``_row_<kind>``, a ``_register`` call), its entry in
+:mod:`torchless.kernels.quant_q8` (the activation format llama.cpp pairs it with and the
+integer row function), its GGUF type id in :mod:`torchless.gguf`, its kind code in
+:mod:`torchless.kernels.decode`, and its name in ``weights.QUANT_KINDS``.
 
 A quantized weight's ``data`` is uint8 ``[rows, bytes_per_row]``; every row holds
 ``cols // elems`` whole blocks.

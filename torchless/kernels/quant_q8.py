@@ -3,11 +3,14 @@
 llama.cpp never multiplies a block-quantized weight by float32 activations. It first
 quantizes the activation vector (once per product) to the weight's "vec_dot type":
 
-* ``q8_0`` blocks of 32 -- ``d`` (a half float) and 32 int8 -- for ``q8_0``, ``q4_0`` and
-  ``q5_0`` weights (:func:`quantize_q8_0_act`, ggml's ``quantize_row_q8_0_ref``);
+* ``q8_0`` blocks of 32 -- ``d`` (a half float) and 32 int8 -- for ``q8_0``, ``q4_0``,
+  ``q5_0`` and ``iq4_nl`` weights (:func:`quantize_q8_0_act`, ggml's ``quantize_row_q8_0_ref``);
+* ``q8_1`` blocks of 32 -- ``q8_0``'s plus ``s``, the half-rounded ``d * sum(qs)`` -- for
+  ``q4_1`` and ``q5_1`` weights, whose min term ``m * sum(x)`` becomes ``m * s``
+  (:func:`quantize_q8_1_act`);
 * ``q8_K`` blocks of 256 -- ``d`` (float32), 256 int8 and 16 ``bsums`` (sums of 16
-  consecutive quants) -- for ``q4_k``, ``q5_k`` and ``q6_k`` weights
-  (:func:`quantize_q8_k_act`, ggml's ``quantize_row_q8_K_ref``),
+  consecutive quants) -- for ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``, ``iq4_xs``,
+  ``tq1_0`` and ``tq2_0`` weights (:func:`quantize_q8_k_act`, ggml's ``quantize_row_q8_K_ref``),
 
 then takes integer dot products block by block (int32 accumulation) and scales them.
 
@@ -24,6 +27,13 @@ q4_k/q5_k   ``aux[l] = sum_s sc_s * dot_s`` over the elements ``e`` of the block
             ``sumf -= (wdmin*xd) * float(sum_j bsums[j] * m_{j//2})``; at the end of the
             row ``sumf += sums[0]; ...; sumf += sums[7]`` -- ggml's generic C order
 q6_k        as q4_k without the min term (``sc`` are the signed int8 sub-block scales)
+q4_1, q5_1  as q4_0 with the unsigned quants, plus ``m * s`` per block summed in a scalar
+            that is added after the lanes (llama.cpp's x86 order)
+iq4_nl      as q4_0, the weights being the table values ``IQ4NL_VALUES[q]``
+q2_k, q3_k, the integers of ggml's ``*_generic`` C code (kept in float32 lanes: exact below
+iq4_xs,     2**24) and its float terms in its order: q2_k ``sumf += dall*isum - dmin*summs``;
+tq1_0,      q3_k eight lanes ``e % 8`` as q6_k; iq4_xs ``sumf += (d*(ls-32)) * isum`` per
+tq2_0       sub-block of 32; tq* ``sumf += isum * (wd*xd)`` per block
 ==========  ===========================================================================
 
 The integers are those of every llama.cpp build; the float terms of a SIMD llama.cpp are
