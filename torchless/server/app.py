@@ -312,14 +312,19 @@ class Server:
 
     async def _collect(self, request, req: Request, rid, created, chat):
         pieces, infos = [], []
+        next_check = time.monotonic() + 0.2
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(req.queue.get(), 0.25)
+                    ev = await asyncio.wait_for(req.queue.get(), 0.2)
                 except asyncio.TimeoutError:
+                    ev = None
+                if time.monotonic() >= next_check:  # tokens may arrive faster than 0.2 s
+                    next_check = time.monotonic() + 0.2
                     if await request.is_disconnected():
                         req.cancel()
                         return error_response(499, "client closed the request")
+                if ev is None:
                     continue
                 if ev[0] == "token":
                     pieces.append(ev[1])

@@ -176,7 +176,9 @@ class Scheduler:
         self._running = False
         self.failure: str | None = None
         self._clock = itertools.count(1)
-        self.stats = collections.Counter()  # steps, decode rows, prefill tokens, reused tokens
+        # decode steps, rows decoded, prompt tokens computed, prompt tokens reused from a slot
+        self.stats = collections.Counter(steps=0, decode_rows=0, prefill_tokens=0,
+                                         reused_tokens=0)
 
     # ---- any thread ----------------------------------------------------------------------
     def start(self) -> None:
