@@ -49,7 +49,7 @@ from .loader import (
 from .parameters import Parameters
 from .plugins import ArchitectureSpec, TensorMap, register_plugin, registry, unregister_plugin
 from .rope import RopeConfig
-from .state import InferenceState, KVCache
+from .state import InferenceState, KVCache, common_prefix_len
 from .threads import set_num_threads
 from .weights import Weight
 
@@ -64,7 +64,8 @@ __all__ = [
     "Model", "ModelArchitecture", "ModelConfig", "ModelLoader", "NormType", "Parameters", "Phi",
     "PluginError", "Qwen", "RopeConfig", "RopeScaling", "SequenceLengthError", "TensorMap",
     "TensorNamePattern", "TensorShapeError", "TokenError", "TorchlessError",
-    "UnknownArchitectureError", "UnsupportedError", "Weight", "detect_architecture",
+    "UnknownArchitectureError", "UnsupportedError", "Weight", "common_prefix_len",
+    "detect_architecture",
     "detect_architecture_from_tensors", "hookimpl", "register_plugin", "registry",
     "set_num_threads", "unregister_plugin",
 ]

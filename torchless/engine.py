@@ -16,6 +16,7 @@ from . import reference as ref
 from .config import ModelConfig
 from . import ggml_numerics as gn
 from .errors import TensorShapeError, TokenError, TorchlessError
+from .kernels import batch as kb
 from .kernels import decode as kd
 from .kernels import matmul as km
 from .kernels import ops as ko
@@ -131,6 +132,78 @@ class DecoderModel:
         if not ids:
             raise ValueError("prefill needs at least one token")
         return self._step(state, ids, fast=True, all_logits=all_logits)
+
+    def decode_batch(self, states, tokens) -> np.ndarray:
+        """One decode step for each of several sequences, together: ``tokens[b]`` goes to
+        ``states[b]`` (each at its own position, with its own KV cache and limits). Returns
+        the logits ``[B, V]`` and updates every state exactly as :meth:`fast_forward` would
+        (``logits``, ``pos``, ``tokens``).
+
+        Each weight is read once for all B rows, and every row is computed independently of
+        the others in a fixed order: a sequence gets the same logits, bit for bit, whatever
+        else is in the batch and however large it is (``kernels/batch.py``).
+        """
+        states, tokens = list(states), list(tokens)
+        if len(states) != len(tokens):
+            raise TorchlessError(f"decode_batch got {len(states)} states and {len(tokens)} "
+                                 "tokens; give one token per state")
+        V = self.config.vocab_size
+        if len({id(s) for s in states}) != len(states):
+            raise TorchlessError("decode_batch got the same state twice")
+        for s in states:
+            if not isinstance(s, InferenceState) or s.config is not self.config:
+                raise TorchlessError("decode_batch needs states made by this model's new_state()")
+        self._check_ids(tokens)
+        for s in states:
+            s.check_room(1)
+        out = np.empty((len(states), V), np.float32)
+        rows = []
+        for b, (s, t) in enumerate(zip(states, tokens)):
+            if self.numerics == "llama.cpp" or self._needs_recompute(s.pos, 1):
+                # llama.cpp's float order is defined per sequence; a LongRoPE switch redoes
+                # the whole sequence: both go alone (still the same bits as in a batch of 1)
+                out[b] = self._step(s, [t], fast=True, all_logits=False)
+            else:
+                rows.append(b)
+        if rows:
+            out[rows] = self._batch_step([states[b] for b in rows], [tokens[b] for b in rows])
+        return out
+
+    def _batch_step(self, states, tokens) -> np.ndarray:
+        cfg = self.config
+        B = len(states)
+        P = np.array([s.pos for s in states], np.int64)
+        for s in states:
+            s.cache.ensure(s.pos + 1)
+        tables = {}
+        for key, rc in cfg.ropes.items():
+            rows = [self._rope_tables(s, s.pos, 1)[key] for s in states]
+            tables[key] = (np.ascontiguousarray(np.concatenate([r[0] for r in rows])),
+                           np.ascontiguousarray(np.concatenate([r[1] for r in rows])),
+                           rc.rotary_dim)
+        logn = np.ones(B, np.float32)
+        if cfg.logn_seq_length:
+            pos1 = P.astype(np.float64) + 1
+            logn = np.where(pos1 > cfg.logn_seq_length,
+                            np.log(pos1) / np.log(cfg.logn_seq_length), 1.0).astype(np.float32)
+        ops = _BATCH_OPS[self.act_quant]
+        x = np.ascontiguousarray(self.embed.rows_f32(np.asarray(tokens)), dtype=np.float32)
+        if self._embed_scale is not None:
+            x *= self._embed_scale
+        slots = _Slots(states, P)
+        for i, layer in enumerate(self.layers):
+            x = self._layer(ops, layer, i, x, slots, P, tables[cfg.layer_rope[i]], logn)
+        h = ops.norm(x, cfg.norm, self.final_norm[0], self.final_norm[1], cfg.norm_eps)
+        logits = ops.linear(h, self.output, self.output_bias)
+        for b, s in enumerate(states):
+            row = logits[b]
+            if cfg.final_softcap:
+                c = np.float32(cfg.final_softcap)
+                row[:] = c * np.tanh(row / c)
+            s.pos += 1
+            s.tokens.append(int(tokens[b]))
+            s.logits = row.copy()
+        return logits
 
     def forward_tokens(self, state: InferenceState, ids, all_logits: bool = True) -> np.ndarray:
         """The reference path over many tokens at once (used by tests and ``prefill`` checks)."""
@@ -356,11 +429,7 @@ class DecoderModel:
         k = ops.rope(k, cos, sin, rot)
         if ops is gn.GgmlOps:
             k, v = ops.kv(k), ops.kv(v)
-        kc, vc = state.cache.k[i], state.cache.v[i]
-        kc[:, P : P + T] = k.transpose(1, 0, 2)
-        vc[:, P : P + T] = v.transpose(1, 0, 2)
-        a = ops.attention(q, kc, vc, P, cfg.attn_scale, cfg.attn_softcap or 0.0,
-                          cfg.layer_windows[i] or 0, logn)
+        a = self._attention(ops, q, k, v, i, state, P, logn)
         a = ops.linear(a.reshape(T, nH * D), layer.w["attn_output"], layer.b.get("attn_output"))
         if last_only:
             a, x, h = a[-1:], x[-1:], h[-1:]
@@ -376,6 +445,22 @@ class DecoderModel:
         x = x + a
         h = ops.norm(x, cfg.norm, layer.n["ffn_norm"], layer.b.get("ffn_norm"), cfg.norm_eps)
         return x + self._mlp(ops, layer, h)
+
+    def _attention(self, ops, q, k, v, i: int, state, P, logn):
+        """Store this layer's keys/values in the cache and attend; ``state`` is one
+        :class:`InferenceState` (rows = positions ``P..``) or a :class:`_Slots` (row b = one
+        token of sequence b at its own position, in its own cache)."""
+        cfg = self.config
+        window = cfg.layer_windows[i] or 0
+        if isinstance(state, _Slots):
+            return ops.slot_attention(q, k, v, state, i, cfg.attn_scale,
+                                      cfg.attn_softcap or 0.0, window, logn)
+        T = q.shape[0]
+        kc, vc = state.cache.k[i], state.cache.v[i]
+        kc[:, P : P + T] = k.transpose(1, 0, 2)
+        vc[:, P : P + T] = v.transpose(1, 0, 2)
+        return ops.attention(q, kc, vc, P, cfg.attn_scale, cfg.attn_softcap or 0.0, window,
+                             logn)
 
     def _mlp(self, ops, layer: Layer, h):
         cfg = self.config
@@ -418,6 +503,20 @@ class DecoderModel:
         return [t for t, _ in generate_ids(self, prompt, max_new_tokens, temperature, top_k,
                                            top_p, min_p, repetition_penalty, seed, stop, state,
                                            ignore_eos) if t is not None]
+
+    def generate_batch(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
+                       top_k: int | None = None, top_p: float | None = None,
+                       min_p: float | None = None, repetition_penalty: float = 1.0,
+                       seed=None, stop=None, states=None,
+                       ignore_eos: bool = False) -> list[list[int]]:
+        """:meth:`generate` for several prompts (strings or id lists, any lengths), decoded
+        together one batched step per token (:meth:`decode_batch`); returns each prompt's
+        new ids. ``seed``: an int (each sequence seeded as ``generate`` would be) or one per
+        prompt. ``states``: one per prompt to reuse (their cached prefixes are kept)."""
+        from .generation import generate_batch
+
+        return generate_batch(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                              repetition_penalty, seed, stop, states, ignore_eos)
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None,
@@ -584,6 +683,51 @@ class _FastOps:
                logn, out)
         return out
 
+
+class _Slots:
+    """The sequences of one batched decode step: their positions and, per layer, the
+    addresses of their KV caches (``kernels.batch.attention_slots`` takes them)."""
+
+    def __init__(self, states, pos):
+        self.states = states
+        self.pos = pos
+        self.caps = np.array([s.cache.capacity for s in states], np.int64)
+        n = states[0].cache.n_layers
+        self.kaddr = np.array([[s.cache.k[i].ctypes.data for s in states] for i in range(n)],
+                              np.int64)
+        self.vaddr = np.array([[s.cache.v[i].ctypes.data for s in states] for i in range(n)],
+                              np.int64)
+
+
+class _BatchOps(_FastOps):
+    """The Numba ops for a batch of sequences (one row each): products whose rows do not
+    depend on one another (``kernels.batch``) and attention over one cache per row."""
+
+    def __init__(self, act_quant: bool = False):
+        super().__init__(act_quant)
+        self._acts = kb.ActCache()
+
+    def linear(self, x, w, b):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = kb.linear_rows(w, x, self.act_quant, self._acts)
+        if b is not None:
+            out += b
+        return out
+
+    @staticmethod
+    def slot_attention(q, k, v, slots, i, scale, softcap, window, logn):
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        k = np.ascontiguousarray(k, dtype=np.float32)
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        out = np.empty_like(q)
+        work = q.shape[1] * q.shape[2] * int(slots.pos.sum() + len(slots.pos))
+        kb.attention_slots(q, k, v, slots.kaddr[i], slots.vaddr[i], slots.caps, slots.pos,
+                           np.float32(scale), np.float32(softcap), int(window), logn, out,
+                           work > kd.PARALLEL_ATTENTION_WORK)
+        return out
+
+
+_BATCH_OPS = {aq: _BatchOps(aq) for aq in (False, True)}
 
 _OPS = {(fast, aq): (_FastOps if fast else _RefOps)(aq)
         for fast in (False, True) for aq in (False, True)}
