@@ -127,9 +127,7 @@ def cmd_serve(args) -> int:
     # compile (or load from Numba's cache) the prefill and decode kernels before listening
     state = model.new_state(max_seq_len=8)
     model.prefill(state, model.encode("Hello")[:4] or [0])
-    from .server.scheduler import decode_batch
-
-    decode_batch(model, [state], [int(state.tokens[-1])])
+    model.decode_batch([state], [int(state.tokens[-1])])
     api_key = args.api_key or os.environ.get("TORCHLESS_API_KEY") or None
     print(f"torchless: serving {name!r} on http://{args.host}:{args.port}/v1 "
           f"({args.parallel} slots x {ctx} tokens)", file=sys.stderr, flush=True)

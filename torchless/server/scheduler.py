@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import TorchlessError
-from ..generation import sample
-from ..tokenizer import StreamDecoder
+from ..generation import _Sequence
+from ..state import common_prefix_len
 
 
 class QueueFullError(TorchlessError):
@@ -28,34 +28,6 @@ class QueueFullError(TorchlessError):
 
 class NotRunningError(TorchlessError):
     """The scheduler is stopped or has failed (HTTP 503)."""
-
-
-def common_prefix_len(a, b) -> int:
-    """How many leading tokens two id sequences share."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _truncate(state, n: int) -> None:
-    """Keep the first ``n`` positions of ``state`` (the KV beyond them is overwritten later)."""
-    if hasattr(state, "truncate"):
-        state.truncate(n)
-        return
-    if n <= 0 or state.rope_fixed_len:  # Qwen-1's NTK table is fixed by the first prefill
-        state.reset()
-        return
-    state.pos = n
-    del state.tokens[n:]
-
-
-def decode_batch(model, states, tokens) -> np.ndarray:
-    """One decode step for every state: ``[B, V]`` logits."""
-    if hasattr(model, "decode_batch"):
-        return model.decode_batch(states, tokens)
-    return np.stack([model.fast_forward(s, t) for s, t in zip(states, tokens)])
 
 
 @dataclass
@@ -106,53 +78,13 @@ class Request:
             self.cancelled = True
 
 
-class _Text:
-    """Decoded text of one request, released as it becomes final.
-
-    The same rule as ``generation.generate_ids``: incomplete UTF-8 characters and any tail
-    that could still grow into a stop string are held back; the text ends before the first
-    stop string.
-    """
-
-    def __init__(self, tokenizer, prompt_ids, stops):
-        self.decoder = StreamDecoder(tokenizer, prompt_ids)
-        self.stops = [s for s in stops if s]
-        self.text, self.shown = "", 0
-
-    def push(self, tok: int) -> tuple[str, bool]:
-        """Add a token; return the newly final text and whether a stop string appeared."""
-        self.text += self.decoder.push(tok)
-        if self.stops:
-            hits = [self.text.find(s) for s in self.stops if s in self.text]
-            if hits:
-                piece = self.text[self.shown:min(hits)]
-                self.shown = len(self.text)
-                return piece, True
-            hold = max((k for s in self.stops for k in range(1, len(s))
-                        if self.text.endswith(s[:k])), default=0)
-            safe = len(self.text) - hold
-        else:
-            safe = len(self.text)
-        piece = self.text[self.shown:safe] if safe > self.shown else ""
-        self.shown = max(self.shown, safe)
-        return piece, False
-
-    def flush(self) -> str:
-        self.text += self.decoder.flush()
-        piece = self.text[self.shown:]
-        self.shown = len(self.text)
-        return piece
-
-
 class _Slot:
     def __init__(self, index, state):
         self.index = index
         self.state = state
         self.req: Request | None = None
         self.last_used = 0
-        # per running request
-        self.rng = None
-        self.text = None
+        self.seq: _Sequence | None = None  # sampling and stopping of the running request
         self.next_token = None
 
 
@@ -254,22 +186,20 @@ class Scheduler:
     def _release(self, slot: _Slot) -> None:
         with self._cv:
             slot.req = None
-            slot.text = slot.rng = slot.next_token = None
+            slot.seq = slot.next_token = None
             slot.last_used = next(self._clock)
 
-    def _pick_slot(self, prompt) -> tuple[_Slot, int] | None:
-        """The free slot sharing the longest prefix with ``prompt`` (else the least recently
-        used), and how many of its positions can be kept (at least one prompt token is left
-        to run, to get the logits of the last one)."""
+    def _pick_slot(self, prompt) -> _Slot | None:
+        """The free slot sharing the longest prefix with ``prompt``, else the least recently
+        used one."""
         free = [s for s in self.slots if s.req is None]
         if not free:
             return None
         best = max(free, key=lambda s: (common_prefix_len(s.state.tokens, prompt),
                                         -s.last_used))
-        keep = min(common_prefix_len(best.state.tokens, prompt), len(prompt) - 1)
-        if keep == 0:
-            best = min(free, key=lambda s: s.last_used)
-        return best, keep
+        if common_prefix_len(best.state.tokens, prompt) == 0:
+            best = min(free, key=lambda s: s.last_used)  # keep the others' caches
+        return best
 
     def _admit(self) -> None:
         while True:
@@ -278,19 +208,18 @@ class Scheduler:
                     self._pending.popleft()
                 if not self._pending:
                     return
-                picked = self._pick_slot(self._pending[0].prompt)
-                if picked is None:
+                slot = self._pick_slot(self._pending[0].prompt)
+                if slot is None:
                     return
                 req = self._pending.popleft()
-                slot, keep = picked
                 slot.req = req  # claimed: no longer free
-            self._start(slot, req, keep)
+            self._start(slot, req)
 
-    def _start(self, slot: _Slot, req: Request, keep: int) -> None:
+    def _start(self, slot: _Slot, req: Request) -> None:
         model, state, p = self.model, slot.state, req.params
         try:
-            _truncate(state, keep)
-            keep = state.pos
+            # keep the longest cached prefix a fresh prefill would compute the same way
+            keep = state.reuse_prefix(req.prompt)
             req.cached_tokens = keep
             logits = model.prefill(state, req.prompt[keep:])
         except TorchlessError as exc:
@@ -300,8 +229,10 @@ class Scheduler:
             return
         self.stats["prefill_tokens"] += len(req.prompt) - keep
         self.stats["reused_tokens"] += keep
-        slot.rng = np.random.default_rng(p.seed)
-        slot.text = _Text(model.tokenizer, req.prompt, p.stop)
+        # generate()'s own sampling and stop rules (stop strings across token boundaries)
+        slot.seq = _Sequence(model, req.prompt, p.temperature, p.top_k, p.top_p, p.min_p,
+                             p.repetition_penalty, p.seed, p.stop, True, True)
+        slot.seq.eos = req.eos
         self._advance(slot, logits)
 
     def _decode_step(self) -> None:
@@ -315,8 +246,8 @@ class Scheduler:
                 running.append(s)
         if not running:
             return
-        logits = decode_batch(self.model, [s.state for s in running],
-                              [s.next_token for s in running])
+        logits = self.model.decode_batch([s.state for s in running],
+                                         [s.next_token for s in running])
         self.stats["steps"] += 1
         self.stats["decode_rows"] += len(running)
         for s, row in zip(running, logits):
@@ -324,35 +255,25 @@ class Scheduler:
 
     def _advance(self, slot: _Slot, logits) -> None:
         """Sample the next token of ``slot`` from ``logits``, emit it, finish or queue it."""
-        req, p = slot.req, slot.req.params
-        tok = sample(logits, slot.rng, p.temperature, p.top_k, p.top_p, p.min_p,
-                     (req.prompt + req.generated) if p.repetition_penalty != 1.0 else (),
-                     p.repetition_penalty)
+        req, p, seq = slot.req, slot.req.params, slot.seq
+        last = len(req.generated) + 1 >= p.max_tokens or slot.state.pos + 1 > self.ctx
+        tok, piece = seq.step(logits, last)
         req.generated.append(tok)
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         info = None
-        if p.logprobs:
+        if p.logprobs:  # of the model's distribution (before temperature and filters)
             x = np.asarray(logits, np.float64)
-            lse = x.max() + np.log(np.exp(x - x.max()).sum())
-            lp = x - lse
+            lp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
             top = []
             if p.top_logprobs:
                 order = np.argsort(-lp, kind="stable")[:p.top_logprobs]
                 top = [(int(i), float(lp[i])) for i in order]
             info = (tok, float(lp[tok]), top)
-        finish, hit = None, False
-        if tok in req.eos:
-            piece, finish = "", "stop"
-        else:
-            piece, hit = slot.text.push(tok)
-            if hit:
-                finish = "stop"
-        if finish is None and (len(req.generated) >= p.max_tokens
-                               or slot.state.pos + 1 > self.ctx):
-            finish = "length"
-        if finish is not None and not hit:
-            piece += slot.text.flush()  # the held-back tail is final now
+        finish = None
+        if seq.done:
+            finish = "stop" if seq.stopped or tok in req.eos else "length"
+            piece += seq.flush()  # the held-back tail is final now (nothing after a stop)
         req.emit(("token", piece, info))
         if finish is None:
             slot.next_token = tok
