@@ -12,6 +12,7 @@ import secrets
 import time
 
 from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -410,6 +411,8 @@ class Server:
                     return await fn(request)
                 except APIError as exc:
                     return exc.response()
+                except ClientDisconnect:  # gone while its body was read: nobody to answer
+                    return error_response(499, "client closed the request")
             return endpoint
 
         async def not_found(request, exc):
