@@ -21,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -40,8 +41,8 @@ def prompt(i, n_words):
     return " ".join(WORDS[(i * 7 + k * (i % 5 + 1)) % len(WORDS)] for k in range(n_words))
 
 
-def start(cmd, base, env=None, timeout=300):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+def start(cmd, base, log, timeout=300):
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -133,6 +134,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ctx", type=int, default=1024, help="per slot")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--log-dir", default=None, help="servers' output (default: a temp dir)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     par = max(levels)
@@ -149,22 +151,32 @@ def main():
                          str(args.threads), "--cont-batching", "--no-webui"],
     }
     procs = {}
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="serve_bench_")
+    print(f"server logs in {log_dir}", flush=True)
     try:
         for name, cmd in cmds.items():
-            procs[name] = start(cmd, bases[name])
+            procs[name] = start(cmd, bases[name], open(os.path.join(log_dir, name + ".log"), "w"))
         print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
-        res = {n: {c: [] for c in levels} for n in cmds}
+        res = {n: {c: {} for c in levels} for n in cmds}  # engine -> level -> round -> result
         turns = {n: [] for n in cmds}
         for rnd in range(args.rounds):
             for c in levels:
                 for name in (cmds if rnd % 2 == 0 else list(cmds)[::-1]):
-                    r = asyncio.run(level(bases[name], c, args, rnd))
-                    res[name][c].append(r)
+                    try:
+                        r = asyncio.run(level(bases[name], c, args, rnd))
+                    except httpx.HTTPError as exc:
+                        print(f"round {rnd} c={c} {name}: FAILED {exc!r}", flush=True)
+                        continue
+                    res[name][c][rnd] = r
                     print(f"round {rnd} c={c} {name:12s} decode {r['decode_tps']:7.1f} tok/s "
                           f"ttft p50 {statistics.median(r['ttft']) * 1e3:7.1f} ms "
                           f"tokens {r['tokens']}", flush=True)
             for name in cmds:
-                t = asyncio.run(chat_turns(bases[name], args))
+                try:
+                    t = asyncio.run(chat_turns(bases[name], args))
+                except httpx.HTTPError as exc:
+                    print(f"round {rnd} chat {name}: FAILED {exc!r}", flush=True)
+                    continue
                 turns[name].append(t)
                 print(f"round {rnd} chat {name:12s} turn1 {t[0] * 1e3:7.1f} ms turn2 "
                       f"{t[1] * 1e3:7.1f} ms ratio {t[1] / t[0]:.3f}", flush=True)
@@ -175,20 +187,26 @@ def main():
         print("| --- | --- | --- | --- | --- | --- |")
         for c in levels:
             for name in cmds:
-                tps = statistics.median(r["decode_tps"] for r in res[name][c])
-                one = statistics.median(r["decode_tps"] for r in res[name][levels[0]])
-                tt = [x for r in res[name][c] for x in r["ttft"]]
+                if not res[name][c] or not res[name][levels[0]]:
+                    continue
+                tps = statistics.median(r["decode_tps"] for r in res[name][c].values())
+                one = statistics.median(r["decode_tps"] for r in res[name][levels[0]].values())
+                tt = [x for r in res[name][c].values() for x in r["ttft"]]
                 summary.setdefault(name, {})[c] = {
-                    "decode_tps": tps, "rounds": [r["decode_tps"] for r in res[name][c]],
+                    "decode_tps": tps, "rounds": {k: r["decode_tps"] for k, r in res[name][c].items()},
                     "ttft_p50": pct(tt, 0.5), "ttft_p95": pct(tt, 0.95)}
                 print(f"| {c} | {name} | {tps:.1f} | {tps / one:.2f}x | "
                       f"{pct(tt, 0.5) * 1e3:.0f} | {pct(tt, 0.95) * 1e3:.0f} |")
         for c in levels:
-            ratios = [a["decode_tps"] / b["decode_tps"] for a, b in
-                      zip(res["torchless"][c], res["llama-server"][c])]
+            a, b = res["torchless"][c], res["llama-server"][c]
+            ratios = [a[k]["decode_tps"] / b[k]["decode_tps"] for k in sorted(a) if k in b]
+            if not ratios:
+                continue
             print(f"c={c}: torchless / llama-server decode, per round "
                   f"{[round(x, 2) for x in ratios]}, median {statistics.median(ratios):.2f}")
         for name in cmds:
+            if not turns[name]:
+                continue
             ratios = [t[1] / t[0] for t in turns[name]]
             print(f"{name}: second chat turn TTFT / first, per round "
                   f"{[round(x, 3) for x in ratios]}, median {statistics.median(ratios):.3f}")
