@@ -48,7 +48,7 @@ def _weight(kind, rows, cols, rng):
 # ---- kernels ---------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=30, **SETTINGS)
 @given(kind=st.sampled_from(KINDS), act_quant=st.booleans(), B=st.integers(1, 11),
        rows=st.integers(1, 19), extra_cols=st.sampled_from([0, 7]), seed=st.integers(0, 99))
 def test_linear_rows_is_matvec_per_row(kind, act_quant, B, rows, extra_cols, seed):
@@ -192,7 +192,7 @@ def _states(model, lengths, salts):
 
 
 @pytest.mark.parametrize("name,kw", MODEL_CASES, ids=lambda v: str(v))
-@settings(max_examples=6, **SETTINGS)
+@settings(max_examples=4, **SETTINGS)
 @given(data=st.data())
 def test_row_independent_of_batch(name, kw, tmp_root, data):
     """The target sequence's logits over three steps, decoded beside hypothesis-chosen

@@ -3,7 +3,8 @@
 ``matmul``: weight x activation products for every storage kind.
 ``ops``: norms, activations, RoPE and attention.
 ``quant``: the block-quantized formats (GGUF layouts); ``quant_q8``: the same with 8-bit
-activations. ``decode``: a whole decoder layer for one token in one call.
+activations. ``decode``: a whole decoder layer for one token in one call. ``batch``: one
+token for each of several sequences (products over the rows, attention per sequence).
 
 Numba's on-disk cache (``cache=True``) is keyed by each function's own source file, but a
 cached kernel embeds the code of the kernels it calls from *other* files (``decode`` calls

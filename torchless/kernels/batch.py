@@ -14,7 +14,9 @@ caches reach the kernel as addresses so one specialisation serves any B.
 import weakref
 
 import numpy as np
+from llvmlite import ir
 from numba import carray, njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..weights import Weight
@@ -22,8 +24,97 @@ from . import matmul as km
 from . import ops as ko
 from . import quant as kq
 from . import quant_q8 as q8
+from .bits import _lane_tree
 
 # ---- float weights ---------------------------------------------------------------------------
+# Tiles of 4 weight rows x NB activation rows: each weight vector load feeds NB rows. Every
+# (weight row, activation row) pair keeps its own 16-lane accumulator, updated with the same
+# fma sequence as kernels.matmul._rows4 and summed with the same lane tree, so the tile size
+# and a row's place in it cannot change its bits.
+
+NB = 4
+
+
+def _make_rows4xnb(kind):
+    """An intrinsic ``f(w, r, X, b0, res)``: ``res[4 * j + k] = sum_c w[r + k, c] *
+    X[b0 + j, c]`` for k, j < 4 over the first ``cols // 16 * 16`` columns."""
+    dtype = types.float32 if kind == "f32" else types.uint16
+
+    def impl(typingctx, w, r, X, b0, res):
+        if not (isinstance(w, types.Array) and w.ndim == 2 and w.dtype == dtype
+                and isinstance(X, types.Array) and X.ndim == 2 and X.dtype == types.float32
+                and isinstance(r, types.Integer) and isinstance(b0, types.Integer)
+                and isinstance(res, types.Array) and res.dtype == types.float32):
+            return None
+        sig = types.void(w, r, X, b0, res)
+
+        def codegen(context, builder, sig, args):
+            f32 = ir.FloatType()
+            L = km._LANES
+            vf = ir.VectorType(f32, L)
+            i8p = ir.IntType(8).as_pointer()
+            wa = context.make_array(sig.args[0])(context, builder, value=args[0])
+            cols = cgutils.unpack_tuple(builder, wa.shape)[1]
+            stride = cgutils.unpack_tuple(builder, wa.strides)[0]
+            r = context.cast(builder, args[1], sig.args[1], types.intp)
+            base = builder.bitcast(wa.data, i8p)
+            rows = [builder.bitcast(builder.gep(base, [builder.mul(
+                builder.add(r, ir.Constant(r.type, k)), stride)]), wa.data.type)
+                for k in range(4)]
+            xa = context.make_array(sig.args[2])(context, builder, value=args[2])
+            xstride = cgutils.unpack_tuple(builder, xa.strides)[0]
+            b0 = context.cast(builder, args[3], sig.args[3], types.intp)
+            xbase = builder.bitcast(xa.data, i8p)
+            xrows = [builder.bitcast(builder.gep(xbase, [builder.mul(
+                builder.add(b0, ir.Constant(b0.type, j)), xstride)]), xa.data.type)
+                for j in range(NB)]
+            zero = ir.Constant(vf, [ir.Constant(f32, 0.0)] * L)
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+                    for _ in range(NB)]
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{L}f32")
+            n = builder.udiv(cols, ir.Constant(cols.type, L))
+            with cgutils.for_range(builder, n) as loop:
+                c = builder.mul(loop.index, ir.Constant(cols.type, L))
+                wvs = []
+                for k in range(4):
+                    p = builder.gep(rows[k], [c])
+                    q8._prefetch_ir(builder, builder.gep(builder.bitcast(p, i8p), [
+                        ir.Constant(ir.IntType(64), km.FLOAT_PREFETCH_BYTES)]))
+                    if kind == "f32":
+                        wv = q8._load(builder, p, f32, L)
+                    else:
+                        u = q8._load(builder, p, ir.IntType(16), L)
+                        if kind == "bf16":
+                            wide = builder.zext(u, ir.VectorType(ir.IntType(32), L))
+                            wv = builder.bitcast(builder.shl(wide, ir.Constant(
+                                wide.type, [ir.Constant(ir.IntType(32), 16)] * L)), vf)
+                        else:
+                            wv = builder.fpext(builder.bitcast(
+                                u, ir.VectorType(ir.HalfType(), L)), vf)
+                    wvs.append(wv)
+                for j in range(NB):
+                    xv = q8._load(builder, builder.gep(xrows[j], [c]), f32, L)
+                    for k in range(4):
+                        builder.store(builder.call(fma, [wvs[k], xv,
+                                                         builder.load(accs[j][k])]),
+                                      accs[j][k])
+            pr = context.make_array(sig.args[4])(context, builder, value=args[4]).data
+            for j in range(NB):
+                for k in range(4):
+                    builder.store(_lane_tree(builder, builder.load(accs[j][k])),
+                                  builder.gep(pr, [ir.Constant(ir.IntType(32), 4 * j + k)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = f"_rows4x{NB}_{kind}"
+    return intrinsic(impl)
+
+
+_rows4xnb_f32 = _make_rows4xnb("f32")
+_rows4xnb_bf16 = _make_rows4xnb("bf16")
+_rows4xnb_f16 = _make_rows4xnb("f16")
 
 
 @njit(inline="always", cache=True)
@@ -34,7 +125,22 @@ def _matmul_rows_float(w, X, out, kind):
     for g in prange(rows // 4):
         r = 4 * g
         res = np.empty(4, np.float32)
-        for b in range(B):
+        tile = np.empty(4 * NB, np.float32)
+        for b0 in range(0, B - B % NB, NB):
+            if kind == 0:
+                _rows4xnb_f32(w, r, X, b0, tile)
+            elif kind == 1:
+                _rows4xnb_bf16(w, r, X, b0, tile)
+            else:
+                _rows4xnb_f16(w, r, X, b0, tile)
+            for j in range(NB):
+                x = X[b0 + j]
+                for k in range(4):
+                    acc = tile[4 * j + k]
+                    for c in range(c0, cols):
+                        acc += km._widen(w[r + k, c], kind) * x[c]
+                    out[b0 + j, r + k] = acc
+        for b in range(B - B % NB, B):
             x = X[b]
             if kind == 0:
                 km._rows4_f32(w, r, x, res)
@@ -90,6 +196,88 @@ def quantize_rows_q8_k(X, xd, xq, bsums):
         q8._q8_k_act_into(X[b], xd[b], xq[b], bsums[b])
 
 
+def _make_rows2xnb(signed, bpb, name):
+    """An intrinsic ``f(u0, u1, XQ, XD, b0, res)``: ``res[2 * j + k]`` = the dot product of
+    weight row ``u_k`` (bytes of ``bpb``-byte blocks) with q8_0 activation row ``b0 + j``
+    (``XQ [B, n]`` int8, ``XD [B, n/32]``), j < NB: the weight blocks are loaded and unpacked
+    once for NB activation rows; each pair's arithmetic is that of ``quant_q8._make_rows2``."""
+    I8, I32, I64 = q8._I8, q8._I32, q8._I64
+
+    def impl(typingctx, u0, u1, XQ, XD, b0, res):
+        if not (isinstance(u0, types.Array) and u0.ndim == 1 and u0.dtype == types.uint8
+                and isinstance(u1, types.Array) and u1.ndim == 1 and u1.dtype == types.uint8
+                and isinstance(XQ, types.Array) and XQ.ndim == 2 and XQ.dtype == types.int8
+                and isinstance(XD, types.Array) and XD.ndim == 2
+                and XD.dtype == types.float32 and isinstance(b0, types.Integer)
+                and isinstance(res, types.Array) and res.dtype == types.float32):
+            return None
+        sig = types.void(u0, u1, XQ, XD, b0, res)
+
+        def codegen(context, builder, sig, args):
+            f32 = ir.FloatType()
+            v8f = q8._vec(f32, 8)
+            i8p = ir.IntType(8).as_pointer()
+            a0 = context.make_array(sig.args[0])(context, builder, value=args[0])
+            p0 = a0.data
+            p1 = q8._data_ptr(context, builder, sig, args, 1)
+            nbytes = cgutils.unpack_tuple(builder, a0.shape)[0]
+            nb = builder.udiv(nbytes, ir.Constant(nbytes.type, bpb))
+            b0v = context.cast(builder, args[4], sig.args[4], types.intp)
+            xrows, drows = [], []
+            for arg, lst in ((2, xrows), (3, drows)):
+                arr = context.make_array(sig.args[arg])(context, builder, value=args[arg])
+                st0 = cgutils.unpack_tuple(builder, arr.strides)[0]
+                base = builder.bitcast(arr.data, i8p)
+                for j in range(NB):
+                    off = builder.mul(builder.add(b0v, ir.Constant(b0v.type, j)), st0)
+                    lst.append(builder.bitcast(builder.gep(base, [off]), arr.data.type))
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]), "llvm.fma.v8f32")
+            zero = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+                    for _ in range(NB)]
+            with cgutils.for_range(builder, nb) as loop:
+                b = loop.index
+                off = builder.mul(b, ir.Constant(b.type, bpb))
+                ws, dws = [], []
+                for p in (p0, p1):
+                    pb = builder.gep(p, [off])
+                    q8._prefetch_ir(builder, builder.gep(pb, [ir.Constant(I64,
+                                                                          q8.PREFETCH_BYTES)]))
+                    ws.append(signed(builder, pb))
+                    h = builder.load(builder.bitcast(pb, ir.IntType(16).as_pointer()), align=1)
+                    dws.append(builder.fpext(builder.bitcast(h, ir.HalfType()), f32))
+                xo = builder.mul(b, ir.Constant(b.type, 32))
+                for j in range(NB):
+                    xv = q8._load(builder, builder.gep(xrows[j], [xo]), I8, 32)
+                    xd_b = builder.load(builder.gep(drows[j], [b]))
+                    for k in range(2):
+                        lanes = q8._dot4(builder, ws[k], xv, True)
+                        sc = builder.fmul(dws[k], xd_b)
+                        scv = builder.insert_element(ir.Constant(v8f, None), sc,
+                                                     ir.Constant(I32, 0))
+                        scv = q8._shuf(builder, scv, scv, [0] * 8)
+                        acc = accs[j][k]
+                        builder.store(builder.call(fma, [builder.sitofp(lanes, v8f), scv,
+                                                         builder.load(acc)]), acc)
+            pr = q8._data_ptr(context, builder, sig, args, 5)
+            for j in range(NB):
+                for k in range(2):
+                    builder.store(_lane_tree(builder, builder.load(accs[j][k])),
+                                  q8._at(builder, pr, 2 * j + k))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = name
+    return intrinsic(impl)
+
+
+_rows2xnb_q8_0 = _make_rows2xnb(q8._signed_q8_0, 34, "_rows2xnb_q8_0")
+_rows2xnb_q4_0 = _make_rows2xnb(q8._signed_q4_0, 18, "_rows2xnb_q4_0")
+_rows2xnb_q5_0 = _make_rows2xnb(q8._signed_q5_0, 22, "_rows2xnb_q5_0")
+
+
 @njit(inline="always", cache=True)
 def _rows2_q8act(data, xd, xq, out, kind):
     rows = data.shape[0]
@@ -97,10 +285,21 @@ def _rows2_q8act(data, xd, xq, out, kind):
     C = q8._CHUNK
     for ch in prange((rows + C - 1) // C):
         res = np.empty(2, np.float32)
+        tile = np.empty(2 * NB, np.float32)
         end = min(rows, ch * C + C)
         for r in range(ch * C, end, 2):
             r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
-            for b in range(B):
+            for b0 in range(0, B - B % NB, NB):
+                if kind == 0:
+                    _rows2xnb_q8_0(data[r], data[r1], xq, xd, b0, tile)
+                elif kind == 1:
+                    _rows2xnb_q4_0(data[r], data[r1], xq, xd, b0, tile)
+                else:
+                    _rows2xnb_q5_0(data[r], data[r1], xq, xd, b0, tile)
+                for j in range(NB):
+                    out[b0 + j, r] = tile[2 * j]
+                    out[b0 + j, r1] = tile[2 * j + 1]
+            for b in range(B - B % NB, B):
                 if kind == 0:
                     q8._rows2_q8_0(data[r], data[r1], xq[b], xd[b], res)
                 elif kind == 1:
