@@ -1,4 +1,4 @@
-"""The ``torchless`` command: generate, chat, inspect, bench, perplexity."""
+"""The ``torchless`` command: generate, chat, inspect, bench, perplexity, serve."""
 from __future__ import annotations
 
 import argparse
@@ -129,6 +129,36 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .server import serve
+
+    if args.parallel < 1:
+        raise TorchlessError("--parallel must be at least 1")
+    model = _load(args.model, args.lazy, args.quantize, args.act_quant, args.numerics)
+    model._tok()  # the API speaks text: fail now if there is no tokenizer
+    limit = model.config.max_position_embeddings
+    ctx = args.ctx if args.ctx is not None else min(2048, limit or 2048)
+    if ctx < 2:
+        raise TorchlessError("--ctx must be at least 2")
+    if limit and ctx > limit:
+        print(f"torchless: warning: --ctx {ctx} is past the model's trained context "
+              f"({limit})", file=sys.stderr)
+    name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model
+                               else "gemma-3-270m-it-q4_k_m")
+    # compile (or load from Numba's cache) the prefill and decode kernels before listening
+    state = model.new_state(max_seq_len=8)
+    model.prefill(state, model.encode("Hello")[:4] or [0])
+    model.decode_batch([state], [int(state.tokens[-1])])
+    api_key = args.api_key or os.environ.get("TORCHLESS_API_KEY") or None
+    print(f"torchless: serving {name!r} on http://{args.host}:{args.port}/v1 "
+          f"({args.parallel} slots x {ctx} tokens)", file=sys.stderr, flush=True)
+    serve(model, name, host=args.host, port=args.port, parallel=args.parallel, ctx=ctx,
+          api_key=api_key, queue_size=args.queue, log_level=args.log_level)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="torchless", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +215,30 @@ def main(argv=None) -> int:
     pp.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(func=cmd_perplexity)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    s.add_argument("model", nargs="?", default=None)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--parallel", type=int, default=4,
+                   help="slots: sequences decoded together (each its own KV cache)")
+    s.add_argument("--ctx", type=int, default=None,
+                   help="context of each slot in tokens (default: 2048, or the model's "
+                        "trained context if smaller)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (or set TORCHLESS_API_KEY)")
+    s.add_argument("--queue", type=int, default=None,
+                   help="requests that may wait for a slot before 429 (default 4 x parallel)")
+    s.add_argument("--model-name", default=None,
+                   help="the id in /v1/models and requests (default: the file or folder name)")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--lazy", action="store_true", help="memory-map the weights")
+    s.add_argument("--quantize", choices=["q8_0", "q4_0"], default=None)
+    s.add_argument("--act-quant", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--numerics", choices=["torchless", "llama.cpp"], default="torchless")
+    s.add_argument("--log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     threads = getattr(args, "threads", None)
