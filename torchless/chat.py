@@ -213,16 +213,21 @@ def special_tokens(model) -> dict:
 
 def encode_chat(model, messages: list[dict], add_generation_prompt: bool = True,
                 **kwargs) -> list[int]:
-    """Render and tokenize a conversation (special tokens in the text become their ids),
-    with exactly one BOS where the model wants one (as llama.cpp: the template's own, or the
-    tokenizer's when the template has none)."""
+    """Render and tokenize a conversation (special tokens in the text become their ids).
+
+    Hugging Face checkpoints: as transformers' ``apply_chat_template(tokenize=True)``, only
+    what the template wrote. GGUF: as llama.cpp, exactly one BOS when the file asks for BOS
+    (the template's own, or the tokenizer's when the template writes none)."""
     tpl = require_chat_template(model)
     tok = model._tok()
     text = render(tpl, messages, add_generation_prompt=add_generation_prompt,
                   **{**special_tokens(model), **kwargs})
     ids = model.encode(text, add_special_tokens=False)
+    # transformers adds no special tokens to the rendered text; llama.cpp (GGUF) lets its
+    # tokenizer add BOS (dropping the template's own), so one BOS either way
     bos_id = tok.bos_id
-    if tok.add_bos and bos_id is not None and (not ids or ids[0] != bos_id):
+    gguf = model.params is not None and model.params.format == "gguf"
+    if gguf and tok.add_bos and bos_id is not None and (not ids or ids[0] != bos_id):
         ids = [bos_id] + ids
     return ids
 
