@@ -517,7 +517,7 @@ class _FastOps:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.act_quant and x.shape[0] > 1 and km.quant_q8.supports(w.kind):
             # batched: the activations' 8-bit round trip, once per input (q, k and v share it)
-            fmt = km.quant_q8.ACT_FORMAT[w.kind] != "q8_0"
+            fmt = km.quant_q8.ACT_FORMAT[w.kind] == "q8_k"  # q8_0 and q8_1: the same x
             ref_x, memo_fmt, deq = self._memo
             if ref_x is None or ref_x() is not x or memo_fmt != fmt:
                 deq = km.quant_q8.dequantized_activations(w.kind, x)

@@ -16,6 +16,7 @@ from quant_blocks import random_blocks
 GGML = {
     "q8_0": G.Q8_0,
     "q4_0": G.Q4_0,
+    "q4_1": G.Q4_1,
     "q5_0": G.Q5_0,
     "q4_k": G.Q4_K,
     "q5_k": G.Q5_K,
@@ -37,7 +38,7 @@ def test_block_info_matches_gguf():
     with pytest.raises(UnsupportedError):
         Q.bytes_per_row("q4_k", 100)
     with pytest.raises(UnsupportedError):
-        Q.block_info("q4_1")
+        Q.block_info("iq2_xxs")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -155,7 +156,7 @@ def test_dispatcher_errors():
     rng = np.random.default_rng(4)
     data = random_blocks("q4_0", 3, 2, rng)
     with pytest.raises(UnsupportedError):
-        Q.matvec("q4_1", data, np.zeros(64, np.float32))
+        Q.matvec("iq2_xxs", data, np.zeros(64, np.float32))
     with pytest.raises(TensorShapeError):
         Q.matvec("q4_0", data, np.zeros(63, np.float32))
     with pytest.raises(TensorShapeError):

@@ -25,7 +25,7 @@ from torchless.kernels import quant as Q
 from quant_blocks import random_blocks
 from torchless.kernels import quant_q8 as Q8
 
-KINDS = ["q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k"]
+KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F32 = np.float32
 
@@ -84,6 +84,17 @@ def ggml_quantize_row_q8_0_x86(x):
         for j in range(32):
             qs[i * 32 + j] = int(np.rint(F32(x[i * 32 + j] * ident)))  # _MM_ROUND_NEAREST
     return d_out, qs
+
+
+def ggml_q8_1_sums(x, qs):
+    """block_q8_1.s: GGML_FP32_TO_FP16(sum * d), d = amax / 127 (unrounded, float32)."""
+    nb = len(x) // 32
+    s = np.zeros(nb, np.float32)
+    for i in range(nb):
+        amax = F32(max(abs(float(v)) for v in x[i * 32 : i * 32 + 32]))
+        d = F32(amax / F32(127))
+        s[i] = fp32_to_fp16_to_fp32(F32(F32(int(qs[i * 32 : i * 32 + 32].astype(int).sum())) * d))
+    return s
 
 
 def ggml_quantize_row_q8_K_ref(x):
@@ -179,6 +190,22 @@ def test_quantize_q8_0_act_x86_equals_ggml_avx2(x):
 
 
 @settings(max_examples=60, deadline=None)
+@given(x=activations(32))
+def test_quantize_q8_1_act_equals_ggml(x):
+    for quantize, numpy_variant, reference in (
+        (Q8.quantize_q8_1_act, "ref", ggml_quantize_row_q8_0_ref),
+        (Q8.quantize_q8_1_act_x86, "x86", ggml_quantize_row_q8_0_x86),
+    ):
+        d_ref, q_ref = reference(x)
+        s_ref = ggml_q8_1_sums(x, q_ref)
+        for d, q, s in (quantize(x), Q8.quantize_q8_1_act_np(x, numpy_variant)):
+            assert d.dtype == np.float32 and q.dtype == np.int8 and s.dtype == np.float32
+            np.testing.assert_array_equal(d, d_ref)
+            np.testing.assert_array_equal(q, q_ref)
+            np.testing.assert_array_equal(s, s_ref)
+
+
+@settings(max_examples=60, deadline=None)
 @given(x=activations(256))
 def test_quantize_q8_k_act_equals_ggml_reference(x):
     d_ref, q_ref, b_ref = ggml_quantize_row_q8_K_ref(x)
@@ -244,6 +271,10 @@ def int_weights(kind, data):
     b = data.reshape(data.shape[0], -1, bpb)
     if kind == "q8_0":
         return f16(b, 0), b[..., 2:34].view(np.int8).astype(np.int64)
+    if kind == "q4_1":
+        qs = b[..., 4:20]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int64)
+        return f16(b, 0), f16(b, 2), q
     if kind in ("q4_0", "q5_0"):
         qs = b[..., -16:]
         q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int64)
@@ -281,9 +312,17 @@ def int_weights(kind, data):
 
 
 def generic_dot(kind, data, act):
-    """ggml_vec_dot_<kind>_q8_<0|K>_generic for every row of ``data``."""
+    """ggml_vec_dot_<kind>_q8_<0|1|K>_generic for every row of ``data``."""
     rows = data.shape[0]
     sumf = np.zeros(rows, np.float32)
+    if kind == "q4_1":
+        xd, xq, xs = act
+        wd, wm, q = int_weights(kind, data)
+        isum = (q * xq.reshape(-1, 32).astype(np.int64)).sum(axis=-1)
+        for b in range(q.shape[1]):
+            term = (wd[:, b] * xd[b]) * isum[:, b].astype(np.float32) + wm[:, b] * xs[b]
+            sumf = (sumf + term).astype(np.float32)
+        return sumf
     if kind in ("q8_0", "q4_0", "q5_0"):
         xd, xq = act
         wd, q = int_weights(kind, data)
@@ -324,8 +363,17 @@ def generic_dot(kind, data, act):
 
 
 def deq_act(kind, act):
-    qk = 32 if Q8.ACT_FORMAT[kind] == "q8_0" else 256
+    qk = 256 if Q8.ACT_FORMAT[kind] == "q8_k" else 32
     return np.repeat(act[0], qk).astype(np.float64) * act[1].astype(np.float64)
+
+
+def min_term_rounding(kind, data, act):
+    """Bound of what q8_1's half-rounded ``s`` adds against dequantized W x dequantized x:
+    sum over blocks of |m| * |s| * 2**-11 (+ a subnormal step)."""
+    if Q8.ACT_FORMAT[kind] != "q8_1":
+        return 0.0
+    b = data.reshape(data.shape[0], -1, Q.BLOCK_INFO[kind][1])
+    return np.abs(f16(b, 2)).astype(np.float64) @ (np.abs(act[2]) * 2.0**-11 + 2.0**-24)
 
 
 @SETTINGS
@@ -346,7 +394,7 @@ def test_kernels_equal_generic_reference(kind, rows, nblocks, seed, variant):
     x = (rng.standard_normal(cols) * rng.uniform(0.01, 10)).astype(np.float32)
     if rng.random() < 0.3:  # a zero block among them
         z = int(rng.integers(cols // epb if epb == 256 else cols // 32))
-        qk = 32 if Q8.ACT_FORMAT[kind] == "q8_0" else 256
+        qk = 256 if Q8.ACT_FORMAT[kind] == "q8_k" else 32
         x[z * qk : (z + 1) * qk] = 0
     act = Q8.quantize_act(kind, x, variant)
     out = np.full(rows, np.nan, np.float32)
@@ -366,7 +414,7 @@ def test_kernels_equal_generic_reference(kind, rows, nblocks, seed, variant):
     W = Q.dequantize(kind, data, cols).astype(np.float64)
     xa = deq_act(kind, act)
     exact = W @ xa
-    bound = 1e-5 * (np.abs(W) @ np.abs(xa)) + 1e-30
+    bound = 1e-5 * (np.abs(W) @ np.abs(xa)) + min_term_rounding(kind, data, act) + 1e-30
     assert np.all(np.abs(out - exact) <= bound)
     # precomputed activations give the same result
     np.testing.assert_array_equal(Q8.matvec_q8act(kind, data, None, act=act), out)
@@ -393,10 +441,12 @@ def test_close_to_float_activation_kernel(kind, rows, nblocks, seed):
     W = np.abs(Q.dequantize(kind, data, cols)).astype(np.float64)
     err = np.abs(deq_act(kind, Q8.quantize_act(kind, x)) - x.astype(np.float64))
     # the activation error is at most half a quantization step (+ d's half-float rounding)
-    qk = 32 if Q8.ACT_FORMAT[kind] == "q8_0" else 256
+    qk = 256 if Q8.ACT_FORMAT[kind] == "q8_k" else 32
     amax = np.repeat(np.abs(x).reshape(-1, qk).max(axis=1), qk).astype(np.float64)
     assert np.all(err <= amax / 127 * (0.5 + 127 * 2.0**-11) * 1.001 + 1e-30)
+    act = Q8.quantize_act(kind, x)
     bound = W @ err + 2e-5 * (W @ np.abs(x).astype(np.float64)) + 1e-30
+    bound = bound + min_term_rounding(kind, data, act)
     assert np.all(np.abs(y8.astype(np.float64) - yf) <= bound)
     # and it is a real approximation: typically within a percent of the row's scale
     scale = W @ np.abs(x).astype(np.float64) + 1e-30
@@ -405,10 +455,10 @@ def test_close_to_float_activation_kernel(kind, rows, nblocks, seed):
 
 def test_dispatcher_checks_and_supports():
     assert all(Q8.supports(k) for k in KINDS)
-    assert not Q8.supports("f16") and not Q8.supports("q4_1")
+    assert not Q8.supports("f16") and not Q8.supports("iq2_xxs")
     data = np.zeros((3, 34), np.uint8)
     with pytest.raises(UnsupportedError):
-        Q8.matvec_q8act("q4_1", data, np.zeros(32, np.float32))
+        Q8.matvec_q8act("iq2_xxs", data, np.zeros(32, np.float32))
     with pytest.raises(TensorShapeError):
         Q8.matvec_q8act("q8_0", data, np.zeros(64, np.float32))
     with pytest.raises(TensorShapeError):

@@ -24,6 +24,7 @@ from quant_blocks import random_blocks
 QTYPES = {
     "q8_0": G.Q8_0,
     "q4_0": G.Q4_0,
+    "q4_1": G.Q4_1,
     "q5_0": G.Q5_0,
     "q4_k": G.Q4_K,
     "q5_k": G.Q5_K,
@@ -381,7 +382,7 @@ def test_misaligned_offset(tmp_path):
     expect(tmp_path, raw, CorruptFileError, "alignment")
 
 
-@pytest.mark.parametrize("gtype, name", [(3, "Q4_1"), (11, "Q3_K"), (20, "IQ4_NL"), (99, "99")])
+@pytest.mark.parametrize("gtype, name", [(16, "IQ2_XXS"), (19, "IQ1_S"), (39, "MXFP4"), (99, "99")])
 def test_unsupported_tensor_type_is_named_on_access(tmp_path, gtype, name):
     raw = build([ARCH], [tinfo("odd", [256, 2], gtype, 0), tinfo("ok", [4], 0, 0)], b"\0" * 512)
     with GGUFFile(write(tmp_path, raw)) as f:
@@ -568,8 +569,8 @@ def test_type_table_matches_gguf():
 
 
 def test_unsupported_types_still_checked_for_size(tmp_path):
-    raw = build([ARCH], [tinfo("odd", [256, 2], 3, 0)], b"\0" * 320)  # Q4_1: 2 x 8 x 20 bytes
+    raw = build([ARCH], [tinfo("odd", [256, 2], 16, 0)], b"\0" * 132)  # IQ2_XXS: 2 x 66 bytes
     with GGUFFile(write(tmp_path, raw)) as f:
-        assert f.tensor_infos["odd"].nbytes == 320
-    raw = build([ARCH], [tinfo("odd", [256, 3], 3, 0)], b"\0" * 320)
+        assert f.tensor_infos["odd"].nbytes == 132
+    raw = build([ARCH], [tinfo("odd", [256, 3], 16, 0)], b"\0" * 132)
     expect(tmp_path, raw, CorruptFileError, "'odd'", "past the end")

@@ -19,9 +19,9 @@ from . import ops as ko
 from . import quant as kq
 from . import quant_q8 as q8
 
-NONE, F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K = range(-1, 9)
+NONE, F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, Q4_1 = range(-1, 10)
 KIND_CODES = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0,
-              "q5_0": Q5_0, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K}
+              "q5_0": Q5_0, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K, "q4_1": Q4_1}
 
 # weight / bias slots
 W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN = range(7)
@@ -56,17 +56,24 @@ def linear(kind, w, b, x, out, act_quant):
         km.matvec_bf16(w.view(np.uint16), x, out)
     elif act_quant:
         n = x.shape[0]
-        if kind == Q8_0 or kind == Q4_0 or kind == Q5_0:
+        if kind == Q8_0 or kind == Q4_0 or kind == Q5_0:  # q8_0 activations
             xd = np.empty(n // 32, np.float32)
             xq = np.empty(n, np.int8)
             q8._q8_0_act_x86_into(x, xd, xq)
+            no_xs = np.empty(0, np.float32)
             if kind == Q8_0:
-                q8.matvec_q8act_q8_0(w, xd, xq, out)
+                q8.matvec_q8act_q8_0(w, xd, xq, no_xs, out)
             elif kind == Q4_0:
-                q8.matvec_q8act_q4_0(w, xd, xq, out)
+                q8.matvec_q8act_q4_0(w, xd, xq, no_xs, out)
             else:
-                q8.matvec_q8act_q5_0(w, xd, xq, out)
-        else:
+                q8.matvec_q8act_q5_0(w, xd, xq, no_xs, out)
+        elif kind == Q4_1:  # q8_1 activations
+            xd = np.empty(n // 32, np.float32)
+            xs = np.empty(n // 32, np.float32)
+            xq = np.empty(n, np.int8)
+            q8._q8_1_act_x86_into(x, xd, xq, xs)
+            q8.matvec_q8act_q4_1(w, xd, xq, xs, out)
+        else:  # q8_K activations
             xd = np.empty(n // 256, np.float32)
             xq = np.empty(n, np.int8)
             bsums = np.empty(n // 16, np.int16)
@@ -81,6 +88,8 @@ def linear(kind, w, b, x, out, act_quant):
         kq.matvec_q8_0(w, x, out)
     elif kind == Q4_0:
         kq.matvec_q4_0(w, x, out)
+    elif kind == Q4_1:
+        kq.matvec_q4_1(w, x, out)
     elif kind == Q5_0:
         kq.matvec_q5_0(w, x, out)
     elif kind == Q4_K:

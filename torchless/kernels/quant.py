@@ -1,6 +1,18 @@
 """Block-quantized GGUF weights: layouts, dequantization, quantization and matvec kernels.
 
-Supported kinds (ggml layouts, all little-endian, ``d``/``dmin`` are IEEE half floats):
+One kernel skeleton serves every format. A format is one section of this file: its block
+layout (elements and bytes per block), a NumPy dequantizer (``_deq_<kind>``, the readable
+reference, equal to ``gguf.quants`` bit for bit), and two Numba inner functions of one row,
+``_dot_<kind>(u, s, x, acc)`` (the row's dot product with float32 ``x``) and
+``_row_<kind>(u, s, dst)`` (the row dequantized into ``dst``), ``u``/``s`` being the row's
+bytes as uint8/int8. :func:`_register` then generates the parallel kernels from those:
+
+* ``matvec_<kind>(data, x, out)`` (decode: ``out[r] = sum_c W[r, c] * x[c]``),
+* ``matmul_<kind>(data, X, out)`` (small batches: ``out[t, r] = sum_c W[r, c] * X[t, c]``),
+* ``dequant_rows_<kind>(data, r0, r1, out)`` (a float32 tile of rows, for BLAS on bigger
+  batches).
+
+Formats (ggml layouts, little-endian, ``d``/``dmin``/``m`` IEEE half floats):
 
 ========  ======  =====  ============================================================
 kind      elems   bytes  block layout
@@ -8,6 +20,7 @@ kind      elems   bytes  block layout
 q8_0        32     34    d, int8 qs[32];                      w = d * q
 q4_0        32     18    d, qs[16]: element j in the low nibble of qs[j],
                          element j+16 in its high nibble;     w = d * (q - 8)
+q4_1        32     20    d, m, qs[16] as q4_0;                w = d * q + m
 q5_0        32     22    d, qh (uint32, bit j = 5th bit of element j), qs[16] as q4_0;
                                                               w = d * (q - 16)
 q4_k       256    144    d, dmin, scales[12] (8 pairs of 6-bit scale/min), qs[128]:
@@ -21,15 +34,6 @@ q6_k       256    210    ql[128], qh[64], int8 scales[16], d; 16 sub-blocks of 1
 
 A quantized weight's ``data`` is uint8 ``[rows, bytes_per_row]``; every row holds
 ``cols // elems`` whole blocks.
-
-Two implementations of every kind:
-
-* :func:`dequantize` -- plain vectorised NumPy, the readable reference. Its float32
-  arithmetic follows ggml's reference order, so it matches ``gguf.quants`` bit for bit.
-* Numba kernels that compute on the blocks directly: ``matvec_<kind>(data, x, out)``
-  (decode: ``out[r] = sum_c W[r, c] * x[c]``), ``matmul_<kind>(data, X, out)`` (small
-  batches: ``out[t, r] = sum_c W[r, c] * X[t, c]``) and ``dequant_rows_<kind>(data, r0,
-  r1, out)`` (a float32 tile of rows, for BLAS on bigger batches).
 
 Numerics of the kernels: each weight is dequantized exactly as the reference does
 (``d * q`` resp. ``(d*sc) * q - dmin*m`` in float32, no FMA since fastmath is off), then
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import os
 import platform
+import types as pytypes
 
 import numpy as np
 from llvmlite import ir
@@ -60,45 +65,24 @@ from .bits import PREFETCH_BYTES, prefetch
 QK = 32
 QK_K = 256
 
-#: kind -> (elements per block, bytes per block)
-BLOCK_INFO = {
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-    "q5_0": (32, 22),
-    "q4_k": (256, 144),
-    "q5_k": (256, 176),
-    "q6_k": (256, 210),
-}
+#: kind -> (elements per block, bytes per block); filled by :func:`_register`
+BLOCK_INFO: dict = {}
+_DEQ: dict = {}  # kind -> NumPy dequantizer of blocks [..., bytes_per_block]
+MATVEC: dict = {}
+MATMUL: dict = {}
+DEQUANT_ROWS: dict = {}
 
 __all__ = [
     "BLOCK_INFO",
     "block_info",
     "bytes_per_row",
-    "dequant_rows_q4_0",
-    "dequant_rows_q4_k",
-    "dequant_rows_q5_0",
-    "dequant_rows_q5_k",
-    "dequant_rows_q6_k",
-    "dequant_rows_q8_0",
     "dequantize",
     "dequantize_rows_into",
     "matmul",
-    "matmul_q4_0",
-    "matmul_q4_k",
-    "matmul_q5_0",
-    "matmul_q5_k",
-    "matmul_q6_k",
-    "matmul_q8_0",
     "matvec",
-    "matvec_q4_0",
-    "matvec_q4_k",
-    "matvec_q5_0",
-    "matvec_q5_k",
-    "matvec_q6_k",
-    "matvec_q8_0",
     "quantize_q4_0",
     "quantize_q8_0",
-]
+]  # + matvec_<kind>, matmul_<kind>, dequant_rows_<kind> for every registered kind
 
 
 def block_info(kind: str) -> tuple:
@@ -109,7 +93,6 @@ def block_info(kind: str) -> tuple:
         raise UnsupportedError(
             f"unsupported quantized kind {kind!r}; known: {', '.join(BLOCK_INFO)}"
         ) from None
-
 
 def bytes_per_row(kind: str, cols: int) -> int:
     """Bytes one row of ``cols`` elements takes; ``cols`` must be a whole number of blocks."""
@@ -122,7 +105,7 @@ def bytes_per_row(kind: str, cols: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# NumPy reference
+# Shared pieces: NumPy (reference) and Numba (kernels)
 # ----------------------------------------------------------------------------------------
 
 
@@ -133,7 +116,6 @@ def _f16(blocks: np.ndarray, off: int) -> np.ndarray:
     )
     return bits.view(np.float16).astype(np.float32)[..., None]
 
-
 def _k4_scales(sc12: np.ndarray):
     """Unpack q4_k/q5_k 12-byte scale fields [..., 12] into (scales, mins) [..., 8] uint8."""
     q = sc12
@@ -143,170 +125,11 @@ def _k4_scales(sc12: np.ndarray):
     hi_m = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
     return np.concatenate([lo_sc, hi_sc], axis=-1), np.concatenate([lo_m, hi_m], axis=-1)
 
-
-def _deq_q8_0(b):
-    d = _f16(b, 0)
-    return d * b[..., 2:34].view(np.int8).astype(np.float32)
-
-
-def _deq_q4_0(b):
-    d = _f16(b, 0)
-    qs = b[..., 2:18]
-    q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int8) - np.int8(8)
-    return d * q.astype(np.float32)
-
-
-def _deq_q5_0(b):
-    d = _f16(b, 0)
-    qh = np.ascontiguousarray(b[..., 2:6]).view("<u4")  # [..., 1]
-    bits = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [..., 32]
-    qs = b[..., 6:22]
-    low = np.concatenate([qs & 15, qs >> 4], axis=-1)
-    q = (low | (bits << 4)).astype(np.int8) - np.int8(16)
-    return d * q.astype(np.float32)
-
-
-def _deq_k(b, with_high: bool):
-    shape = b.shape[:-1]
-    d = _f16(b, 0)
-    dmin = _f16(b, 2)
-    sc, m = _k4_scales(b[..., 4:16])
-    dl = (d * sc.astype(np.float32))[..., None]  # [..., 8, 1]
-    ml = (dmin * m.astype(np.float32))[..., None]
-    qs = b[..., -128:].reshape(shape + (4, 1, 32))
-    q = (qs >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15  # [..., 4, 2, 32]
-    q = q.reshape(shape + (8, 32))
-    if with_high:
-        qh = b[..., 16:48].reshape(shape + (1, 32))
-        hb = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [..., 8, 32]
-        q = q | (hb << 4)
-    return (dl * q.astype(np.float32) - ml).reshape(shape + (256,))
-
-
-def _deq_q4_k(b):
-    return _deq_k(b, False)
-
-
-def _deq_q5_k(b):
-    return _deq_k(b, True)
-
-
-def _deq_q6_k(b):
-    shape = b.shape[:-1]
-    ql = b[..., 0:128].reshape(shape + (2, 1, 64))
-    qh = b[..., 128:192].reshape(shape + (2, 1, 32))
-    sc = b[..., 192:208].view(np.int8).astype(np.float32)  # [..., 16]
-    d = _f16(b, 208)
-    low = (ql >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15  # [..., 2, 2, 64]
-    low = low.reshape(shape + (2, 4, 32))
-    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3  # [..., 2, 4, 32]
-    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
-    dl = (d * sc).reshape(shape + (16, 1))
-    return (dl * q.reshape(shape + (16, 16)).astype(np.float32)).reshape(shape + (256,))
-
-
-_DEQ = {
-    "q8_0": _deq_q8_0,
-    "q4_0": _deq_q4_0,
-    "q5_0": _deq_q5_0,
-    "q4_k": _deq_q4_k,
-    "q5_k": _deq_q5_k,
-    "q6_k": _deq_q6_k,
-}
-
-
-def _check_data(kind: str, data, cols: int) -> np.ndarray:
-    block_info(kind)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
-        raise TensorShapeError(
-            f"{kind} data must be a 2-D uint8 array [rows, bytes_per_row], got "
-            f"{getattr(data, 'dtype', type(data).__name__)} "
-            f"with shape {getattr(data, 'shape', None)}"
-        )
-    cols = int(cols)
-    want = bytes_per_row(kind, cols)
-    if data.shape[1] != want:
-        raise TensorShapeError(
-            f"{kind} rows of {cols} elements take {want} bytes, "
-            f"but data has {data.shape[1]} bytes per row"
-        )
-    return data
-
-
-def dequantize(kind: str, data: np.ndarray, cols: int) -> np.ndarray:
-    """Dequantize ``data`` (uint8 [rows, bytes_per_row]) to float32 [rows, cols] (NumPy)."""
-    data = _check_data(kind, data, cols)
-    epb, bpb = BLOCK_INFO[kind]
-    rows = data.shape[0]
-    nb = int(cols) // epb
-    out = np.empty((rows, nb * epb), dtype=np.float32)
-    # Work in row groups to bound the temporaries (the reference builds several per block).
-    step = max(1, (1 << 18) // max(1, nb * epb))
-    for r in range(0, rows, step):
-        blocks = np.ascontiguousarray(data[r : r + step]).reshape(-1, nb, bpb)
-        out[r : r + step] = _DEQ[kind](blocks).reshape(-1, nb * epb)
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# Quantizers (ggml reference quantization, NumPy)
-# ----------------------------------------------------------------------------------------
-
-
-def _blocks_of(w, name: str) -> np.ndarray:
-    w = np.asarray(w)
-    if w.ndim != 2:
-        raise TensorShapeError(f"{name} expects a 2-D [rows, cols] array, got shape {w.shape}")
-    rows, cols = w.shape
-    if cols == 0 or cols % QK:
-        raise UnsupportedError(f"{name} needs cols to be a positive multiple of {QK}, got {cols}")
-    return np.ascontiguousarray(w, dtype=np.float32).reshape(rows, cols // QK, QK)
-
-
-def _f16_bytes(d: np.ndarray) -> np.ndarray:
-    """float32 [..., 1] -> uint8 [..., 2] little-endian half floats (round to nearest even)."""
-    return np.ascontiguousarray(d.astype(np.float16)).astype("<f2").view(np.uint8)
-
-
-def quantize_q8_0(w: np.ndarray) -> np.ndarray:
-    """float32 [rows, cols] -> q8_0 uint8 [rows, cols // 32 * 34] (ggml's reference rounding)."""
-    x = _blocks_of(w, "quantize_q8_0")
-    rows = x.shape[0]
-    d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-    v = x * inv
-    a = np.abs(v)
-    fl = np.floor(a)
-    q = np.sign(v) * (fl + np.floor(np.float32(2) * (a - fl)))  # roundf: half away from zero
-    out = np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=-1)
-    return out.reshape(rows, -1)
-
-
-def quantize_q4_0(w: np.ndarray) -> np.ndarray:
-    """float32 [rows, cols] -> q4_0 uint8 [rows, cols // 32 * 18] (ggml's reference rounding)."""
-    x = _blocks_of(w, "quantize_q4_0")
-    rows = x.shape[0]
-    imax = np.abs(x).argmax(axis=-1)[..., None]  # first element of largest magnitude
-    mx = np.take_along_axis(x, imax, axis=-1)
-    d = mx / np.float32(-8)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-    q = np.trunc(x * inv + np.float32(8.5))
-    q = np.clip(q, 0, 15).astype(np.uint8)
-    packed = q[..., :16] | (q[..., 16:] << np.uint8(4))
-    out = np.concatenate([_f16_bytes(d), packed], axis=-1)
-    return out.reshape(rows, -1)
-
-
-# ----------------------------------------------------------------------------------------
-# Numba kernels
-# ----------------------------------------------------------------------------------------
-
 _JIT = {"parallel": True, "cache": True, "fastmath": False}
-_CHUNK = 8  # rows per parallel work item (per-item scratch is allocated once)
-_F32 = np.float32
 
+_CHUNK = 8  # rows per parallel work item (per-item scratch is allocated once)
+
+_F32 = np.float32
 
 def _to_i32(builder, val, ty):
     i32 = ir.IntType(32)
@@ -316,7 +139,6 @@ def _to_i32(builder, val, ty):
     if width > 32:
         return builder.trunc(val, i32)
     return builder.sext(val, i32) if ty.signed else builder.zext(val, i32)
-
 
 @intrinsic
 def _ubits(typingctx, v, shift, mask):
@@ -336,7 +158,6 @@ def _ubits(typingctx, v, shift, mask):
         return builder.sitofp(builder.and_(builder.lshr(a, sh), mk), ir.FloatType())
 
     return sig, codegen
-
 
 @intrinsic
 def _h2f_native(typingctx, lo, hi):
@@ -358,10 +179,7 @@ def _h2f_native(typingctx, lo, hi):
 
     return sig, codegen
 
-
-# 2**(e - 25) for the half exponents e = 1..30; entry 0 is the subnormal step 2**-24.
 _F16_POW2 = np.array([2.0**-24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
-
 
 @njit(inline="always", cache=True)
 def _h2f_soft(lo, hi):
@@ -379,7 +197,6 @@ def _h2f_soft(lo, hi):
         v = -v
     return v
 
-
 def _host_converts_halves() -> bool:
     """True when LLVM lowers ``fpext half`` to an instruction on this host (no libcall)."""
     if os.environ.get("TORCHLESS_SOFT_F16"):
@@ -396,10 +213,9 @@ def _host_converts_halves() -> bool:
             return False
     return False
 
-
 HALF_NATIVE = _host_converts_halves()
-_h2f = _h2f_native if HALF_NATIVE else _h2f_soft
 
+_h2f = _h2f_native if HALF_NATIVE else _h2f_soft
 
 @njit(inline="always", cache=True)
 def _lanes_sum(acc):
@@ -409,7 +225,6 @@ def _lanes_sum(acc):
     for j in range(8):
         acc[j] += acc[j + 8]
     return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
-
 
 @njit(inline="always", cache=True)
 def _k4_scale_min(u, o, j):
@@ -422,7 +237,6 @@ def _k4_scale_min(u, o, j):
         m = (np.int64(u[o + j + 4]) >> 4) | ((np.int64(u[o + j]) >> 6) << 4)
     return _F32(sc), _F32(m)
 
-
 @njit(inline="always", cache=True)
 def _qh32(u, o):
     """The little-endian uint32 at u[o:o+4] (the q5_0 high bits)."""
@@ -434,10 +248,76 @@ def _qh32(u, o):
     )
 
 
-# --- per-row dot products (inlined into matvec and matmul, so both agree bit for bit) ---
-# Every weight is first dequantized exactly as the NumPy reference does, then multiplied
-# by x and added into lane c % 32 of ``acc``.
+# ----------------------------------------------------------------------------------------
+# The skeleton: parallel kernels generated from a format's inner functions
+# ----------------------------------------------------------------------------------------
+# The templates name the format's inner functions ``_dot`` / ``_row``; :func:`_register`
+# compiles each template once per format as a fresh function over the same code, with those
+# names bound in its globals and named after the format (``matvec_q4_k``, ...), so that every
+# kernel has its own Numba cache entry and inlines its format's code.
 
+
+def _matvec_template(data, x, out):
+    """out[r] = sum_c W[r, c] * x[c] for ``data`` [rows, bytes_per_row] of this kind."""
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _dot(data[r], sd[r], x, acc)  # noqa: F821 (bound per format)
+
+
+def _matmul_template(data, X, out):
+    """out[t, r] = sum_c W[r, c] * X[t, c]; X float32 [T, cols], out float32 [T, rows]."""
+    rows = data.shape[0]
+    sd = data.view(np.int8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        acc = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            for t in range(X.shape[0]):
+                out[t, r] = _dot(data[r], sd[r], X[t], acc)  # noqa: F821 (bound per format)
+
+
+def _dequant_rows_template(data, r0, r1, out):
+    """out[i, :] = dequantized row r0 + i, for i in range(r1 - r0)."""
+    sd = data.view(np.int8)
+    for i in prange(r1 - r0):
+        _row(data[r0 + i], sd[r0 + i], out[i])  # noqa: F821 (bound per format)
+
+
+def _generate(template, name: str, **bound):
+    """``njit(template)`` as a new function ``name`` whose globals add ``bound``."""
+    fn = pytypes.FunctionType(template.__code__, {**globals(), **bound}, name)
+    fn.__qualname__ = name
+    fn.__doc__ = template.__doc__
+    return njit(**_JIT)(fn)
+
+
+def _register(kind: str, elems: int, nbytes: int, deq, dot, row) -> None:
+    """Add a format: its block size, NumPy dequantizer and row functions; generates
+    ``matvec_<kind>``, ``matmul_<kind>`` and ``dequant_rows_<kind>`` (module attributes)."""
+    BLOCK_INFO[kind] = (elems, nbytes)
+    _DEQ[kind] = deq
+    for table, template, prefix, inner in (
+        (MATVEC, _matvec_template, "matvec", {"_dot": dot}),
+        (MATMUL, _matmul_template, "matmul", {"_dot": dot}),
+        (DEQUANT_ROWS, _dequant_rows_template, "dequant_rows", {"_row": row}),
+    ):
+        name = f"{prefix}_{kind}"
+        table[kind] = globals()[name] = _generate(template, name, **inner)
+        __all__.append(name)
+
+
+# ----------------------------------------------------------------------------------------
+# The formats (each: NumPy reference, the two Numba row functions, registration)
+# ----------------------------------------------------------------------------------------
+
+# --- q8_0: d, int8 qs[32]; w = d * q -------------------------------------------
+
+
+def _deq_q8_0(b):
+    d = _f16(b, 0)
+    return d * b[..., 2:34].view(np.int8).astype(np.float32)
 
 @njit(inline="always", cache=True)
 def _dot_q8_0(u, s, x, acc):
@@ -451,6 +331,26 @@ def _dot_q8_0(u, s, x, acc):
             acc[j] += (d * _F32(s[o + 2 + j])) * x[xb + j]
     return _lanes_sum(acc)
 
+@njit(inline="always", cache=True)
+def _row_q8_0(u, s, dst):
+    for b in range(u.shape[0] // 34):
+        o = b * 34
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        for j in range(32):
+            dst[b * 32 + j] = d * _F32(s[o + 2 + j])
+
+
+_register("q8_0", 32, 34, _deq_q8_0, _dot_q8_0, _row_q8_0)
+
+# --- q4_0: d, 16 bytes of nibbles; w = d * (q - 8) -----------------------------
+
+
+def _deq_q4_0(b):
+    d = _f16(b, 0)
+    qs = b[..., 2:18]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int8) - np.int8(8)
+    return d * q.astype(np.float32)
 
 @njit(inline="always", cache=True)
 def _dot_q4_0(u, s, x, acc):
@@ -466,6 +366,71 @@ def _dot_q4_0(u, s, x, acc):
             acc[j + 16] += (d * (_ubits(v, 4, 15) - _F32(8))) * x[xb + 16 + j]
     return _lanes_sum(acc)
 
+@njit(inline="always", cache=True)
+def _row_q4_0(u, s, dst):
+    for b in range(u.shape[0] // 18):
+        o = b * 18
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        for j in range(16):
+            v = u[o + 2 + j]
+            dst[b * 32 + j] = d * (_ubits(v, 0, 15) - _F32(8))
+            dst[b * 32 + 16 + j] = d * (_ubits(v, 4, 15) - _F32(8))
+
+
+_register("q4_0", 32, 18, _deq_q4_0, _dot_q4_0, _row_q4_0)
+
+# --- q4_1: d, m, 16 bytes of nibbles; w = d * q + m ----------------------------------------
+
+
+def _deq_q4_1(b):
+    d, m = _f16(b, 0), _f16(b, 2)
+    qs = b[..., 4:20]
+    return d * np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32) + m
+
+
+@njit(inline="always", cache=True)
+def _dot_q4_1(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 20):
+        o = b * 20
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        m = _h2f(u[o + 2], u[o + 3])
+        xb = b * 32
+        for j in range(16):
+            v = u[o + 4 + j]
+            acc[j] += (d * _ubits(v, 0, 15) + m) * x[xb + j]
+            acc[j + 16] += (d * _ubits(v, 4, 15) + m) * x[xb + 16 + j]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _row_q4_1(u, s, dst):
+    for b in range(u.shape[0] // 20):
+        o = b * 20
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        m = _h2f(u[o + 2], u[o + 3])
+        for j in range(16):
+            v = u[o + 4 + j]
+            dst[b * 32 + j] = d * _ubits(v, 0, 15) + m
+            dst[b * 32 + 16 + j] = d * _ubits(v, 4, 15) + m
+
+
+_register("q4_1", 32, 20, _deq_q4_1, _dot_q4_1, _row_q4_1)
+
+# --- q5_0: d, qh, 16 bytes of nibbles; w = d * (q - 16) ------------------------
+
+
+def _deq_q5_0(b):
+    d = _f16(b, 0)
+    qh = np.ascontiguousarray(b[..., 2:6]).view("<u4")  # [..., 1]
+    bits = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [..., 32]
+    qs = b[..., 6:22]
+    low = np.concatenate([qs & 15, qs >> 4], axis=-1)
+    q = (low | (bits << 4)).astype(np.int8) - np.int8(16)
+    return d * q.astype(np.float32)
 
 @njit(inline="always", cache=True)
 def _dot_q5_0(u, s, x, acc):
@@ -484,6 +449,44 @@ def _dot_q5_0(u, s, x, acc):
             acc[j + 16] += (d * (hi - _F32(16))) * x[xb + 16 + j]
     return _lanes_sum(acc)
 
+@njit(inline="always", cache=True)
+def _row_q5_0(u, s, dst):
+    for b in range(u.shape[0] // 22):
+        o = b * 22
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        qh = _qh32(u, o + 2)
+        for j in range(16):
+            v = u[o + 6 + j]
+            lo = _ubits(v, 0, 15) + _F32(16) * _ubits(qh, j, 1)
+            hi = _ubits(v, 4, 15) + _F32(16) * _ubits(qh, j + 16, 1)
+            dst[b * 32 + j] = d * (lo - _F32(16))
+            dst[b * 32 + 16 + j] = d * (hi - _F32(16))
+
+
+_register("q5_0", 32, 22, _deq_q5_0, _dot_q5_0, _row_q5_0)
+
+# --- q4_k and q5_k: d, dmin, 12 bytes of 6-bit scales/mins, (qh,) nibbles --------------
+
+
+def _deq_k(b, with_high: bool):
+    shape = b.shape[:-1]
+    d = _f16(b, 0)
+    dmin = _f16(b, 2)
+    sc, m = _k4_scales(b[..., 4:16])
+    dl = (d * sc.astype(np.float32))[..., None]  # [..., 8, 1]
+    ml = (dmin * m.astype(np.float32))[..., None]
+    qs = b[..., -128:].reshape(shape + (4, 1, 32))
+    q = (qs >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15  # [..., 4, 2, 32]
+    q = q.reshape(shape + (8, 32))
+    if with_high:
+        qh = b[..., 16:48].reshape(shape + (1, 32))
+        hb = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [..., 8, 32]
+        q = q | (hb << 4)
+    return (dl * q.astype(np.float32) - ml).reshape(shape + (256,))
+
+def _deq_q4_k(b):
+    return _deq_k(b, False)
 
 @njit(inline="always", cache=True)
 def _dot_q4_k(u, s, x, acc):
@@ -505,6 +508,30 @@ def _dot_q4_k(u, s, x, acc):
                 acc[l] += (dl1 * _ubits(v, 4, 15) - ml1) * x[x0 + 32 + l]
     return _lanes_sum(acc)
 
+@njit(inline="always", cache=True)
+def _row_q4_k(u, s, dst):
+    for b in range(u.shape[0] // 144):
+        o = b * 144
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        dmin = _h2f(u[o + 2], u[o + 3])
+        for i in range(4):
+            sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
+            sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
+            dl0, ml0, dl1, ml1 = d * sc0, dmin * m0, d * sc1, dmin * m1
+            qo = o + 16 + 32 * i
+            y0 = b * 256 + 64 * i
+            for l in range(32):
+                v = u[qo + l]
+                dst[y0 + l] = dl0 * _ubits(v, 0, 15) - ml0
+                dst[y0 + 32 + l] = dl1 * _ubits(v, 4, 15) - ml1
+
+
+_register("q4_k", 256, 144, _deq_q4_k, _dot_q4_k, _row_q4_k)
+
+
+def _deq_q5_k(b):
+    return _deq_k(b, True)
 
 @njit(inline="always", cache=True)
 def _dot_q5_k(u, s, x, acc):
@@ -529,6 +556,45 @@ def _dot_q5_k(u, s, x, acc):
                 acc[l] += (dl1 * q1 - ml1) * x[x0 + 32 + l]
     return _lanes_sum(acc)
 
+@njit(inline="always", cache=True)
+def _row_q5_k(u, s, dst):
+    for b in range(u.shape[0] // 176):
+        o = b * 176
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        dmin = _h2f(u[o + 2], u[o + 3])
+        for i in range(4):
+            sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
+            sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
+            dl0, ml0, dl1, ml1 = d * sc0, dmin * m0, d * sc1, dmin * m1
+            qo = o + 48 + 32 * i
+            y0 = b * 256 + 64 * i
+            for l in range(32):
+                v = u[qo + l]
+                h = u[o + 16 + l]
+                dst[y0 + l] = dl0 * (_ubits(v, 0, 15) + _F32(16) * _ubits(h, 2 * i, 1)) - ml0
+                dst[y0 + 32 + l] = (
+                    dl1 * (_ubits(v, 4, 15) + _F32(16) * _ubits(h, 2 * i + 1, 1)) - ml1
+                )
+
+
+_register("q5_k", 256, 176, _deq_q5_k, _dot_q5_k, _row_q5_k)
+
+# --- q6_k: ql, qh, int8 scales[16], d; w = d * sc * (q - 32) -------------------
+
+
+def _deq_q6_k(b):
+    shape = b.shape[:-1]
+    ql = b[..., 0:128].reshape(shape + (2, 1, 64))
+    qh = b[..., 128:192].reshape(shape + (2, 1, 32))
+    sc = b[..., 192:208].view(np.int8).astype(np.float32)  # [..., 16]
+    d = _f16(b, 208)
+    low = (ql >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 15  # [..., 2, 2, 64]
+    low = low.reshape(shape + (2, 4, 32))
+    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3  # [..., 2, 4, 32]
+    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    dl = (d * sc).reshape(shape + (16, 1))
+    return (dl * q.reshape(shape + (16, 16)).astype(np.float32)).reshape(shape + (256,))
 
 @njit(inline="always", cache=True)
 def _dot_q6_k(u, s, x, acc):
@@ -560,88 +626,6 @@ def _dot_q6_k(u, s, x, acc):
                     acc[l] += (dl2 * q2) * x[x0 + 64 + l]
                     acc[l] += (dl3 * q3) * x[x0 + 96 + l]
     return _lanes_sum(acc)
-
-
-# --- per-row dequantization into a float32 row (same arithmetic as the dot products) ---
-
-
-@njit(inline="always", cache=True)
-def _row_q8_0(u, s, dst):
-    for b in range(u.shape[0] // 34):
-        o = b * 34
-        prefetch(u, o + PREFETCH_BYTES)
-        d = _h2f(u[o], u[o + 1])
-        for j in range(32):
-            dst[b * 32 + j] = d * _F32(s[o + 2 + j])
-
-
-@njit(inline="always", cache=True)
-def _row_q4_0(u, s, dst):
-    for b in range(u.shape[0] // 18):
-        o = b * 18
-        prefetch(u, o + PREFETCH_BYTES)
-        d = _h2f(u[o], u[o + 1])
-        for j in range(16):
-            v = u[o + 2 + j]
-            dst[b * 32 + j] = d * (_ubits(v, 0, 15) - _F32(8))
-            dst[b * 32 + 16 + j] = d * (_ubits(v, 4, 15) - _F32(8))
-
-
-@njit(inline="always", cache=True)
-def _row_q5_0(u, s, dst):
-    for b in range(u.shape[0] // 22):
-        o = b * 22
-        prefetch(u, o + PREFETCH_BYTES)
-        d = _h2f(u[o], u[o + 1])
-        qh = _qh32(u, o + 2)
-        for j in range(16):
-            v = u[o + 6 + j]
-            lo = _ubits(v, 0, 15) + _F32(16) * _ubits(qh, j, 1)
-            hi = _ubits(v, 4, 15) + _F32(16) * _ubits(qh, j + 16, 1)
-            dst[b * 32 + j] = d * (lo - _F32(16))
-            dst[b * 32 + 16 + j] = d * (hi - _F32(16))
-
-
-@njit(inline="always", cache=True)
-def _row_q4_k(u, s, dst):
-    for b in range(u.shape[0] // 144):
-        o = b * 144
-        prefetch(u, o + PREFETCH_BYTES)
-        d = _h2f(u[o], u[o + 1])
-        dmin = _h2f(u[o + 2], u[o + 3])
-        for i in range(4):
-            sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
-            sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
-            dl0, ml0, dl1, ml1 = d * sc0, dmin * m0, d * sc1, dmin * m1
-            qo = o + 16 + 32 * i
-            y0 = b * 256 + 64 * i
-            for l in range(32):
-                v = u[qo + l]
-                dst[y0 + l] = dl0 * _ubits(v, 0, 15) - ml0
-                dst[y0 + 32 + l] = dl1 * _ubits(v, 4, 15) - ml1
-
-
-@njit(inline="always", cache=True)
-def _row_q5_k(u, s, dst):
-    for b in range(u.shape[0] // 176):
-        o = b * 176
-        prefetch(u, o + PREFETCH_BYTES)
-        d = _h2f(u[o], u[o + 1])
-        dmin = _h2f(u[o + 2], u[o + 3])
-        for i in range(4):
-            sc0, m0 = _k4_scale_min(u, o + 4, 2 * i)
-            sc1, m1 = _k4_scale_min(u, o + 4, 2 * i + 1)
-            dl0, ml0, dl1, ml1 = d * sc0, dmin * m0, d * sc1, dmin * m1
-            qo = o + 48 + 32 * i
-            y0 = b * 256 + 64 * i
-            for l in range(32):
-                v = u[qo + l]
-                h = u[o + 16 + l]
-                dst[y0 + l] = dl0 * (_ubits(v, 0, 15) + _F32(16) * _ubits(h, 2 * i, 1)) - ml0
-                dst[y0 + 32 + l] = (
-                    dl1 * (_ubits(v, 4, 15) + _F32(16) * _ubits(h, 2 * i + 1, 1)) - ml1
-                )
-
 
 @njit(inline="always", cache=True)
 def _row_q6_k(u, s, dst):
@@ -675,204 +659,92 @@ def _row_q6_k(u, s, dst):
                     )
 
 
-# --- the parallel kernels: one trio per kind (kept explicit so each compiles on its own) ---
+_register("q6_k", 256, 210, _deq_q6_k, _dot_q6_k, _row_q6_k)
 
 
-@njit(**_JIT)
-def matvec_q8_0(data, x, out):
-    """out[r] = sum_c W[r, c] * x[c] for q8_0 ``data`` [rows, cols//32*34]."""
+# ----------------------------------------------------------------------------------------
+# NumPy dequantization of whole tensors
+# ----------------------------------------------------------------------------------------
+
+
+def _check_data(kind: str, data, cols: int) -> np.ndarray:
+    block_info(kind)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise TensorShapeError(
+            f"{kind} data must be a 2-D uint8 array [rows, bytes_per_row], got "
+            f"{getattr(data, 'dtype', type(data).__name__)} "
+            f"with shape {getattr(data, 'shape', None)}"
+        )
+    cols = int(cols)
+    want = bytes_per_row(kind, cols)
+    if data.shape[1] != want:
+        raise TensorShapeError(
+            f"{kind} rows of {cols} elements take {want} bytes, "
+            f"but data has {data.shape[1]} bytes per row"
+        )
+    return data
+
+def dequantize(kind: str, data: np.ndarray, cols: int) -> np.ndarray:
+    """Dequantize ``data`` (uint8 [rows, bytes_per_row]) to float32 [rows, cols] (NumPy)."""
+    data = _check_data(kind, data, cols)
+    epb, bpb = BLOCK_INFO[kind]
     rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _dot_q8_0(data[r], sd[r], x, acc)
+    nb = int(cols) // epb
+    out = np.empty((rows, nb * epb), dtype=np.float32)
+    # Work in row groups to bound the temporaries (the reference builds several per block).
+    step = max(1, (1 << 18) // max(1, nb * epb))
+    for r in range(0, rows, step):
+        blocks = np.ascontiguousarray(data[r : r + step]).reshape(-1, nb, bpb)
+        out[r : r + step] = _DEQ[kind](blocks).reshape(-1, nb * epb)
+    return out
 
 
-@njit(**_JIT)
-def matvec_q4_0(data, x, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _dot_q4_0(data[r], sd[r], x, acc)
+# ----------------------------------------------------------------------------------------
+# Quantizers (ggml reference quantization, NumPy)
+# ----------------------------------------------------------------------------------------
 
 
-@njit(**_JIT)
-def matvec_q5_0(data, x, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _dot_q5_0(data[r], sd[r], x, acc)
+def _blocks_of(w, name: str) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise TensorShapeError(f"{name} expects a 2-D [rows, cols] array, got shape {w.shape}")
+    rows, cols = w.shape
+    if cols == 0 or cols % QK:
+        raise UnsupportedError(f"{name} needs cols to be a positive multiple of {QK}, got {cols}")
+    return np.ascontiguousarray(w, dtype=np.float32).reshape(rows, cols // QK, QK)
 
+def _f16_bytes(d: np.ndarray) -> np.ndarray:
+    """float32 [..., 1] -> uint8 [..., 2] little-endian half floats (round to nearest even)."""
+    return np.ascontiguousarray(d.astype(np.float16)).astype("<f2").view(np.uint8)
 
-@njit(**_JIT)
-def matvec_q4_k(data, x, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _dot_q4_k(data[r], sd[r], x, acc)
+def quantize_q8_0(w: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] -> q8_0 uint8 [rows, cols // 32 * 34] (ggml's reference rounding)."""
+    x = _blocks_of(w, "quantize_q8_0")
+    rows = x.shape[0]
+    d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    v = x * inv
+    a = np.abs(v)
+    fl = np.floor(a)
+    q = np.sign(v) * (fl + np.floor(np.float32(2) * (a - fl)))  # roundf: half away from zero
+    out = np.concatenate([_f16_bytes(d), q.astype(np.int8).view(np.uint8)], axis=-1)
+    return out.reshape(rows, -1)
 
-
-@njit(**_JIT)
-def matvec_q5_k(data, x, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _dot_q5_k(data[r], sd[r], x, acc)
-
-
-@njit(**_JIT)
-def matvec_q6_k(data, x, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _dot_q6_k(data[r], sd[r], x, acc)
-
-
-@njit(**_JIT)
-def matmul_q8_0(data, X, out):
-    """out[t, r] = sum_c W[r, c] * X[t, c]; X float32 [T, cols], out float32 [T, rows]."""
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            for t in range(X.shape[0]):
-                out[t, r] = _dot_q8_0(data[r], sd[r], X[t], acc)
-
-
-@njit(**_JIT)
-def matmul_q4_0(data, X, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            for t in range(X.shape[0]):
-                out[t, r] = _dot_q4_0(data[r], sd[r], X[t], acc)
-
-
-@njit(**_JIT)
-def matmul_q5_0(data, X, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            for t in range(X.shape[0]):
-                out[t, r] = _dot_q5_0(data[r], sd[r], X[t], acc)
-
-
-@njit(**_JIT)
-def matmul_q4_k(data, X, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            for t in range(X.shape[0]):
-                out[t, r] = _dot_q4_k(data[r], sd[r], X[t], acc)
-
-
-@njit(**_JIT)
-def matmul_q5_k(data, X, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            for t in range(X.shape[0]):
-                out[t, r] = _dot_q5_k(data[r], sd[r], X[t], acc)
-
-
-@njit(**_JIT)
-def matmul_q6_k(data, X, out):
-    rows = data.shape[0]
-    sd = data.view(np.int8)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        acc = np.empty(32, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            for t in range(X.shape[0]):
-                out[t, r] = _dot_q6_k(data[r], sd[r], X[t], acc)
-
-
-@njit(**_JIT)
-def dequant_rows_q8_0(data, r0, r1, out):
-    """out[i, :] = dequantized row r0 + i, for i in range(r1 - r0)."""
-    sd = data.view(np.int8)
-    for i in prange(r1 - r0):
-        _row_q8_0(data[r0 + i], sd[r0 + i], out[i])
-
-
-@njit(**_JIT)
-def dequant_rows_q4_0(data, r0, r1, out):
-    sd = data.view(np.int8)
-    for i in prange(r1 - r0):
-        _row_q4_0(data[r0 + i], sd[r0 + i], out[i])
-
-
-@njit(**_JIT)
-def dequant_rows_q5_0(data, r0, r1, out):
-    sd = data.view(np.int8)
-    for i in prange(r1 - r0):
-        _row_q5_0(data[r0 + i], sd[r0 + i], out[i])
-
-
-@njit(**_JIT)
-def dequant_rows_q4_k(data, r0, r1, out):
-    sd = data.view(np.int8)
-    for i in prange(r1 - r0):
-        _row_q4_k(data[r0 + i], sd[r0 + i], out[i])
-
-
-@njit(**_JIT)
-def dequant_rows_q5_k(data, r0, r1, out):
-    sd = data.view(np.int8)
-    for i in prange(r1 - r0):
-        _row_q5_k(data[r0 + i], sd[r0 + i], out[i])
-
-
-@njit(**_JIT)
-def dequant_rows_q6_k(data, r0, r1, out):
-    sd = data.view(np.int8)
-    for i in prange(r1 - r0):
-        _row_q6_k(data[r0 + i], sd[r0 + i], out[i])
-
-
-MATVEC = {
-    "q8_0": matvec_q8_0,
-    "q4_0": matvec_q4_0,
-    "q5_0": matvec_q5_0,
-    "q4_k": matvec_q4_k,
-    "q5_k": matvec_q5_k,
-    "q6_k": matvec_q6_k,
-}
-MATMUL = {
-    "q8_0": matmul_q8_0,
-    "q4_0": matmul_q4_0,
-    "q5_0": matmul_q5_0,
-    "q4_k": matmul_q4_k,
-    "q5_k": matmul_q5_k,
-    "q6_k": matmul_q6_k,
-}
-DEQUANT_ROWS = {
-    "q8_0": dequant_rows_q8_0,
-    "q4_0": dequant_rows_q4_0,
-    "q5_0": dequant_rows_q5_0,
-    "q4_k": dequant_rows_q4_k,
-    "q5_k": dequant_rows_q5_k,
-    "q6_k": dequant_rows_q6_k,
-}
+def quantize_q4_0(w: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] -> q4_0 uint8 [rows, cols // 32 * 18] (ggml's reference rounding)."""
+    x = _blocks_of(w, "quantize_q4_0")
+    rows = x.shape[0]
+    imax = np.abs(x).argmax(axis=-1)[..., None]  # first element of largest magnitude
+    mx = np.take_along_axis(x, imax, axis=-1)
+    d = mx / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np.trunc(x * inv + np.float32(8.5))
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    packed = q[..., :16] | (q[..., 16:] << np.uint8(4))
+    out = np.concatenate([_f16_bytes(d), packed], axis=-1)
+    return out.reshape(rows, -1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -896,7 +768,6 @@ def _readonly(a: np.ndarray, dtype) -> np.ndarray:
         a.flags.writeable = False
     return a
 
-
 def _qdata(kind: str, data) -> tuple:
     epb, bpb = block_info(kind)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
@@ -910,7 +781,6 @@ def _qdata(kind: str, data) -> tuple:
             f"{kind} rows must be whole {bpb}-byte blocks, got {data.shape[1]} bytes per row"
         )
     return _readonly(data, np.uint8), data.shape[1] // bpb * epb
-
 
 def _out(out, shape, what):
     if out is None:
@@ -928,7 +798,6 @@ def _out(out, shape, what):
         )
     return out
 
-
 def matvec(kind: str, data: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``out[r] = sum_c W[r, c] * x[c]`` on quantized ``data``; returns ``out`` (new if None)."""
     data, cols = _qdata(kind, data)
@@ -939,7 +808,6 @@ def matvec(kind: str, data: np.ndarray, x: np.ndarray, out: np.ndarray | None = 
     MATVEC[kind](data, x, out)
     return out
 
-
 def matmul(kind: str, data: np.ndarray, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``out[t, r] = sum_c W[r, c] * X[t, c]`` (X [T, cols] -> out [T, rows]) on the blocks."""
     data, cols = _qdata(kind, data)
@@ -949,7 +817,6 @@ def matmul(kind: str, data: np.ndarray, X: np.ndarray, out: np.ndarray | None = 
     out = _out(out, (X.shape[0], data.shape[0]), f"matmul {kind}")
     MATMUL[kind](data, X, out)
     return out
-
 
 def dequantize_rows_into(
     kind: str, data: np.ndarray, r0: int, r1: int, out: np.ndarray | None = None

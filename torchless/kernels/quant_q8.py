@@ -75,34 +75,24 @@ from .quant import _h2f
 QK8_0 = 32
 QK_K = 256
 
-#: weight kind -> activation format ("q8_0" or "q8_k")
-ACT_FORMAT = {
-    "q8_0": "q8_0",
-    "q4_0": "q8_0",
-    "q5_0": "q8_0",
-    "q4_k": "q8_k",
-    "q5_k": "q8_k",
-    "q6_k": "q8_k",
-}
+#: weight kind -> activation format ("q8_0", "q8_1" or "q8_k"); filled by :func:`_register`
+ACT_FORMAT: dict = {}
 
 __all__ = [
     "ACT_FORMAT",
     "matvec_q8act",
-    "matvec_q8act_q4_0",
-    "matvec_q8act_q4_k",
-    "matvec_q8act_q5_0",
-    "matvec_q8act_q5_k",
-    "matvec_q8act_q6_k",
-    "matvec_q8act_q8_0",
     "quantize_act",
     "quantize_q8_0_act",
     "quantize_q8_0_act_np",
     "quantize_q8_0_act_x86",
     "quantize_q8_0_act_x86_np",
+    "quantize_q8_1_act",
+    "quantize_q8_1_act_np",
+    "quantize_q8_1_act_x86",
     "quantize_q8_k_act",
     "quantize_q8_k_act_np",
     "supports",
-]
+]  # + matvec_q8act_<kind> for every registered kind
 
 _F32 = np.float32
 
@@ -156,6 +146,17 @@ def quantize_q8_0_act_x86_np(x):
     v = (xb * inv[:, None]).astype(np.float32)
     q = np.clip(np.rint(v), -128, 127)  # round half to even, saturating packs
     return _round_f16_np(d), q.astype(np.int8).reshape(-1)
+
+
+def quantize_q8_1_act_np(x, variant: str = "ref"):
+    """NumPy version of :func:`quantize_q8_1_act` / ``_x86``: the q8_0 quants and scale of
+    that variant, and ``s`` = the half-rounded ``(amax / 127) * sum(q)`` of every block."""
+    q8 = quantize_q8_0_act_np if variant == "ref" else quantize_q8_0_act_x86_np
+    d, q = q8(x)
+    xb = _act_blocks(x, QK8_0, "quantize_q8_1_act")
+    dd = (np.abs(xb).max(axis=1) / _F32(127)).astype(np.float32)
+    t = q.reshape(-1, QK8_0).astype(np.int32).sum(axis=1).astype(np.float32)
+    return d, q, _round_f16_np((t * dd).astype(np.float32))
 
 
 def quantize_q8_k_act_np(x):
@@ -255,6 +256,32 @@ def _q8_0_act_x86_into(x, d, qs):
                 qseg[j] = np.int8(-128)
 
 
+@njit(inline="always", cache=True)
+def _q8_1_sums(x, qs, s):
+    """The q8_1 ``s`` of every block: ``half((amax / 127) * sum(q))`` (ggml's
+    ``y[i].s = GGML_FP32_TO_FP16(sum * d)`` with the unrounded ``d``)."""
+    for b in range(x.shape[0] // 32):
+        o = b * 32
+        t = 0
+        for j in range(32):
+            t += qs[o + j]
+        s[b] = _round_f16((_absmax(x, o, 32) / _F32(127)) * _F32(t))
+
+
+@njit(cache=True)
+def _q8_1_act_into(x, d, qs, s):
+    """ggml ``quantize_row_q8_1_ref``: the q8_0 reference quants and ``d``, and ``s``."""
+    _q8_0_act_into(x, d, qs)
+    _q8_1_sums(x, qs, s)
+
+
+@njit(cache=True, error_model="numpy")
+def _q8_1_act_x86_into(x, d, qs, s):
+    """ggml's AVX/AVX2 ``quantize_row_q8_1``: the x86 q8_0 quants and ``d``, and ``s``."""
+    _q8_0_act_x86_into(x, d, qs)
+    _q8_1_sums(x, qs, s)
+
+
 @njit(cache=True, error_model="numpy")
 def _q8_k_act_into(x, d, qs, bsums):
     """ggml ``quantize_row_q8_K_ref``: iscale = -127/max (max = the signed value of largest
@@ -314,6 +341,28 @@ def quantize_q8_0_act_x86(x):
     qs = np.empty(x.shape[0], np.int8)
     _q8_0_act_x86_into(x, d, qs)
     return d, qs
+
+
+def quantize_q8_1_act(x):
+    """float32 [n] -> (d float32 [n//32], qs int8 [n], s float32 [n//32]), exactly ggml's
+    ``quantize_row_q8_1_ref``: the q8_0 blocks plus ``s = half(d * sum(qs))`` per block,
+    for weights with a min term (q4_1, q5_1)."""
+    x = _act_vector(x, QK8_0, "quantize_q8_1_act")
+    d = np.empty(x.shape[0] // QK8_0, np.float32)
+    s = np.empty(x.shape[0] // QK8_0, np.float32)
+    qs = np.empty(x.shape[0], np.int8)
+    _q8_1_act_into(x, d, qs, s)
+    return d, qs, s
+
+
+def quantize_q8_1_act_x86(x):
+    """Like :func:`quantize_q8_1_act` but as ggml's AVX/AVX2 ``quantize_row_q8_1``."""
+    x = _act_vector(x, QK8_0, "quantize_q8_1_act_x86")
+    d = np.empty(x.shape[0] // QK8_0, np.float32)
+    s = np.empty(x.shape[0] // QK8_0, np.float32)
+    qs = np.empty(x.shape[0], np.int8)
+    _q8_1_act_x86_into(x, d, qs, s)
+    return d, qs, s
 
 
 def quantize_q8_k_act(x):
@@ -729,7 +778,7 @@ def _row_k4(u, xd, x16, bsums, aux, sums, bpb, with_high):
 
 
 @njit(inline="always", cache=True)
-def _row_q6_k(u, xd, x16, aux, sums):
+def _row_q6_k(u, xd, x16, bsums, aux, sums):
     for l in range(8):
         sums[l] = 0
     for b in range(u.shape[0] // 210):
@@ -780,21 +829,31 @@ def _signed_q5_0(builder, p):
 
 
 
-def _make_rows2(signed, bpb, name):
-    """An intrinsic ``f(u0, u1, x, xd, res)``: ``res[0], res[1]`` = the dot products of the
-    rows ``u0``, ``u1`` (bytes of ``bpb``-byte blocks) with the q8_0 activations ``(xd, x)``
-    in natural order."""
+def _unsigned_q4_1(builder, p):
+    lo, hi = _lo_hi(builder, _load(builder, _at(builder, p, 4), _I8, 16))
+    return _shuf(builder, lo, hi, range(32))
 
-    def impl(typingctx, u0, u1, x, xd, res):
+
+def _make_rows2(weights, bpb, name, signed=True, with_min=False):
+    """An intrinsic ``f(u0, u1, x, xd, xs, res)``: ``res[0], res[1]`` = the dot products of
+    the rows ``u0``, ``u1`` (bytes of ``bpb``-byte blocks) with the activations ``(xd, x)``
+    in natural order; ``weights(builder, p)`` gives the 32 quants of the block at ``p``
+    (``signed`` int8, else unsigned). ``with_min``: a block ``d, m, ...`` whose weights are
+    ``d * q + m`` with q8_1 activations (``xs`` = the blocks' ``d * sum(q)``), the min terms
+    ``m * s`` summed in a scalar per row and added after the lanes, as llama.cpp does;
+    otherwise ``xs`` is ignored."""
+
+    def impl(typingctx, u0, u1, x, xd, xs, res):
         if not (
             isinstance(u0, types.Array) and u0.ndim == 1 and u0.dtype == types.uint8
             and isinstance(u1, types.Array) and u1.ndim == 1 and u1.dtype == types.uint8
             and _is_array(x, types.int8)
             and _is_array(xd, types.float32)
+            and _is_array(xs, types.float32)
             and _is_array(res, types.float32)
         ):
             return None
-        sig = types.void(u0, u1, x, xd, res)
+        sig = types.void(u0, u1, x, xd, xs, res)
 
         def codegen(context, builder, sig, args):
             f32 = ir.FloatType()
@@ -804,6 +863,7 @@ def _make_rows2(signed, bpb, name):
             p1 = _data_ptr(context, builder, sig, args, 1)
             px = _data_ptr(context, builder, sig, args, 2)
             pd = _data_ptr(context, builder, sig, args, 3)
+            ps = _data_ptr(context, builder, sig, args, 4)
             nbytes = cgutils.unpack_tuple(builder, a0.shape)[0]
             nb = builder.udiv(nbytes, ir.Constant(nbytes.type, bpb))
             fma = cgutils.get_or_insert_function(
@@ -812,27 +872,38 @@ def _make_rows2(signed, bpb, name):
             acc1 = cgutils.alloca_once_value(builder, ir.Constant(v8f, None))
             builder.store(ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8), acc0)
             builder.store(ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8), acc1)
+            mins = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in "01"]
+
+            def half(ptr):
+                h = builder.load(builder.bitcast(ptr, ir.IntType(16).as_pointer()), align=1)
+                return builder.fpext(builder.bitcast(h, ir.HalfType()), f32)
+
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 off = builder.mul(b, ir.Constant(b.type, bpb))
                 xv = _load(builder, builder.gep(px, [builder.mul(b, ir.Constant(b.type, 32))]),
                            _I8, 32)
                 xd_b = builder.load(builder.gep(pd, [b]))
-                for p, acc in ((p0, acc0), (p1, acc1)):
+                for p, acc, msum in ((p0, acc0, mins[0]), (p1, acc1, mins[1])):
                     pb = builder.gep(p, [off])
                     _prefetch_ir(builder, builder.gep(pb, [ir.Constant(_I64, PREFETCH_BYTES)]))
-                    lanes = _dot4(builder, signed(builder, pb), xv, True)
-                    h = builder.load(builder.bitcast(pb, ir.IntType(16).as_pointer()), align=1)
-                    dw = builder.fpext(builder.bitcast(h, ir.HalfType()), f32)
-                    sc = builder.fmul(dw, xd_b)
+                    lanes = _dot4(builder, weights(builder, pb), xv, signed)
+                    sc = builder.fmul(half(pb), xd_b)
                     scv = builder.insert_element(ir.Constant(v8f, None), sc, ir.Constant(_I32, 0))
                     scv = _shuf(builder, scv, scv, [0] * 8)
                     builder.store(builder.call(fma, [builder.sitofp(lanes, v8f), scv,
                                                      builder.load(acc)]), acc)
-            pr = _data_ptr(context, builder, sig, args, 4)
+                    if with_min:
+                        ms = builder.fmul(half(_at(builder, pb, 2)),
+                                          builder.load(builder.gep(ps, [b])))
+                        builder.store(builder.fadd(builder.load(msum), ms), msum)
+            pr = _data_ptr(context, builder, sig, args, 5)
             # the 8 lanes in a fixed tree: (0+4, 1+5, 2+6, 3+7), then pairs
-            builder.store(_lane_tree(builder, builder.load(acc0)), pr)
-            builder.store(_lane_tree(builder, builder.load(acc1)), _at(builder, pr, 1))
+            for k, (acc, msum) in enumerate(((acc0, mins[0]), (acc1, mins[1]))):
+                v = _lane_tree(builder, builder.load(acc))
+                if with_min:
+                    v = builder.fadd(v, builder.load(msum))
+                builder.store(v, _at(builder, pr, k))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -841,101 +912,85 @@ def _make_rows2(signed, bpb, name):
     return intrinsic(impl)
 
 
-_rows2_q8_0 = _make_rows2(_signed_q8_0, 34, "_rows2_q8_0")
-_rows2_q4_0 = _make_rows2(_signed_q4_0, 18, "_rows2_q4_0")
-_rows2_q5_0 = _make_rows2(_signed_q5_0, 22, "_rows2_q5_0")
-
-
 # ----------------------------------------------------------------------------------------
-# Parallel kernels (rows in chunks; per-chunk scratch)
+# The skeleton: parallel kernels generated per weight kind (rows in chunks; scratch per chunk)
 # ----------------------------------------------------------------------------------------
+# As in :mod:`torchless.kernels.quant`, a template names its kind's row function (``_rows2``
+# for the 32-element kinds, two rows per call; ``_row``, one row, for the 256-element ones)
+# and :func:`_register` compiles it once per kind with that name bound.
 
 _JIT = {"parallel": True, "cache": True, "fastmath": False}
 _CHUNK = 8  # rows per parallel work item (even: the 32-element kinds do row pairs)
+_NO_XS = np.zeros(0, np.float32)  # the q8_0 kinds' unused ``xs``
 
 
-@njit(inline="always", cache=True)
-def _matvec_rows2(data, xd, xq, out, kind):
-    """Row pairs of a 32-element kind (0 q8_0, 1 q4_0, 2 q5_0) in parallel chunks."""
+def _rows2_template(data, xd, xq, xs, out):
+    """out[r] = row r of ``data`` . the 32-element activations (xd, xq[, xs])."""
     rows = data.shape[0]
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
         res = np.empty(2, np.float32)
         end = min(rows, ch * _CHUNK + _CHUNK)
         for r in range(ch * _CHUNK, end, 2):
             r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
-            if kind == 0:
-                _rows2_q8_0(data[r], data[r1], xq, xd, res)
-            elif kind == 1:
-                _rows2_q4_0(data[r], data[r1], xq, xd, res)
-            else:
-                _rows2_q5_0(data[r], data[r1], xq, xd, res)
+            _rows2(data[r], data[r1], xq, xd, xs, res)  # noqa: F821 (bound per kind)
             out[r] = res[0]
             out[r1] = res[1]
 
 
-@njit(**_JIT)
-def matvec_q8act_q8_0(data, xd, xq, out):
-    """out[r] = row r of q8_0 ``data`` . (xd, xq), 8-lane float accumulation."""
-    _matvec_rows2(data, xd, xq, out, 0)
-
-
-@njit(**_JIT)
-def matvec_q8act_q4_0(data, xd, xq, out):
-    """out[r] = row r of q4_0 ``data`` . (xd, xq), 8-lane float accumulation."""
-    _matvec_rows2(data, xd, xq, out, 1)
-
-
-@njit(**_JIT)
-def matvec_q8act_q5_0(data, xd, xq, out):
-    """out[r] = row r of q5_0 ``data`` . (xd, xq), 8-lane float accumulation."""
-    _matvec_rows2(data, xd, xq, out, 2)
-
-
-@njit(inline="always", cache=True)
-def _matvec_rows_k(data, xd, xq, bsums, out, kind):
-    """Rows of a 256-element kind (0 q4_k, 1 q5_k, 2 q6_k) in parallel chunks."""
+def _rows_k_template(data, xd, xq, bsums, out):
+    """out[r] = row r of ``data`` . the q8_K activations (xd, xq, bsums)."""
     rows = data.shape[0]
     x16 = xq.astype(np.int16)
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
         aux = np.empty(8, np.int32)
         sums = np.empty(8, np.float32)
         for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            if kind == 0:
-                out[r] = _row_k4(data[r], xd, x16, bsums, aux, sums, 144, False)
-            elif kind == 1:
-                out[r] = _row_k4(data[r], xd, x16, bsums, aux, sums, 176, True)
-            else:
-                out[r] = _row_q6_k(data[r], xd, x16, aux, sums)
+            out[r] = _row(data[r], xd, x16, bsums, aux, sums)  # noqa: F821 (bound per kind)
 
 
-@njit(**_JIT)
-def matvec_q8act_q4_k(data, xd, xq, bsums, out):
-    """out[r] = row r of q4_k ``data`` . (xd, xq, bsums) (q8_K activations)."""
-    _matvec_rows_k(data, xd, xq, bsums, out, 0)
+MATVEC_Q8ACT: dict = {}
 
 
-@njit(**_JIT)
-def matvec_q8act_q5_k(data, xd, xq, bsums, out):
-    """out[r] = row r of q5_k ``data`` . (xd, xq, bsums) (q8_K activations)."""
-    _matvec_rows_k(data, xd, xq, bsums, out, 1)
+def _register(kind: str, act: str, fn) -> None:
+    """Weights of ``kind`` meet activations of format ``act`` ("q8_0", "q8_1" or "q8_k")
+    through ``fn`` (a ``_rows2`` intrinsic, or a q8_K ``_row`` function); generates
+    ``matvec_q8act_<kind>``."""
+    ACT_FORMAT[kind] = act
+    template, bound = (
+        (_rows_k_template, {"_row": fn}) if act == "q8_k" else (_rows2_template, {"_rows2": fn})
+    )
+    name = f"matvec_q8act_{kind}"
+    MATVEC_Q8ACT[kind] = globals()[name] = _q._generate(template, name, **bound)
+    __all__.append(name)
 
 
-@njit(**_JIT)
-def matvec_q8act_q6_k(data, xd, xq, bsums, out):
-    """out[r] = row r of q6_k ``data`` . (xd, xq) (q8_K activations; bsums unused)."""
-    _matvec_rows_k(data, xd, xq, bsums, out, 2)
+_register("q8_0", "q8_0", _make_rows2(_signed_q8_0, 34, "_rows2_q8_0"))
+_register("q4_0", "q8_0", _make_rows2(_signed_q4_0, 18, "_rows2_q4_0"))
+_register("q4_1", "q8_1", _make_rows2(_unsigned_q4_1, 20, "_rows2_q4_1", False, True))
+_register("q5_0", "q8_0", _make_rows2(_signed_q5_0, 22, "_rows2_q5_0"))
 
 
-MATVEC_Q8ACT = {
-    "q8_0": matvec_q8act_q8_0,
-    "q4_0": matvec_q8act_q4_0,
-    "q5_0": matvec_q8act_q5_0,
-    "q4_k": matvec_q8act_q4_k,
-    "q5_k": matvec_q8act_q5_k,
-    "q6_k": matvec_q8act_q6_k,
+@njit(inline="always", cache=True)
+def _row_q4_k(u, xd, x16, bsums, aux, sums):
+    return _row_k4(u, xd, x16, bsums, aux, sums, 144, False)
+
+
+@njit(inline="always", cache=True)
+def _row_q5_k(u, xd, x16, bsums, aux, sums):
+    return _row_k4(u, xd, x16, bsums, aux, sums, 176, True)
+
+
+_register("q4_k", "q8_k", _row_q4_k)
+_register("q5_k", "q8_k", _row_q5_k)
+_register("q6_k", "q8_k", _row_q6_k)
+
+
+_QUANTIZERS = {
+    ("q8_0", "ref"): quantize_q8_0_act,
+    ("q8_0", "x86"): quantize_q8_0_act_x86,
+    ("q8_1", "ref"): quantize_q8_1_act,
+    ("q8_1", "x86"): quantize_q8_1_act_x86,
 }
-
-_Q8_0_QUANTIZERS = {"ref": quantize_q8_0_act, "x86": quantize_q8_0_act_x86}
 
 
 # ----------------------------------------------------------------------------------------
@@ -945,7 +1000,8 @@ _Q8_0_QUANTIZERS = {"ref": quantize_q8_0_act, "x86": quantize_q8_0_act_x86}
 
 def quantize_act(kind: str, x, q8_0_variant: str = "ref") -> tuple:
     """The activation ``x`` quantized to the format weights of ``kind`` multiply with:
-    ``(d, qs)`` for q8_0/q4_0/q5_0, ``(d, qs, bsums)`` for the k-quants."""
+    ``(d, qs)`` for q8_0 activations, ``(d, qs, s)`` for q8_1, ``(d, qs, bsums)`` for
+    q8_K (:data:`ACT_FORMAT`)."""
     fmt = ACT_FORMAT.get(kind)
     if fmt is None:
         raise UnsupportedError(
@@ -954,7 +1010,7 @@ def quantize_act(kind: str, x, q8_0_variant: str = "ref") -> tuple:
     if fmt == "q8_k":
         return quantize_q8_k_act(x)
     try:
-        quantizer = _Q8_0_QUANTIZERS[q8_0_variant]
+        quantizer = _QUANTIZERS[fmt, q8_0_variant]
     except KeyError:
         raise UnsupportedError(
             f"unknown q8_0 activation quantizer {q8_0_variant!r}; known: ref, x86"
@@ -964,7 +1020,11 @@ def quantize_act(kind: str, x, q8_0_variant: str = "ref") -> tuple:
 
 def _readonly_act(act, kind):
     fmt = ACT_FORMAT[kind]
-    want = (np.float32, np.int8) if fmt == "q8_0" else (np.float32, np.int8, np.int16)
+    want = {
+        "q8_0": (np.float32, np.int8),
+        "q8_1": (np.float32, np.int8, np.float32),
+        "q8_k": (np.float32, np.int8, np.int16),
+    }[fmt]
     if len(act) != len(want):
         raise TensorShapeError(f"{kind} expects {fmt} activations with {len(want)} arrays")
     return tuple(_q._readonly(a, dt) for a, dt in zip(act, want))
@@ -981,7 +1041,7 @@ def matvec_q8act(
     """``out[r] = sum_c W[r, c] * x[c]`` the llama.cpp way: ``x`` is quantized once (to q8_0
     or q8_K, see :data:`ACT_FORMAT`) and every block is an integer dot product.
 
-    ``q8_0_variant`` picks the q8_0 activation quantizer for q8_0/q4_0/q5_0 weights:
+    ``q8_0_variant`` picks the q8_0 (and q8_1) activation quantizer:
     ``"ref"`` (ggml's reference, the default) or ``"x86"`` (what llama.cpp runs on AVX2
     hosts). ``act`` may hold an already quantized ``x`` (from :func:`quantize_act`), e.g. to
     share one quantization between q/k/v; ``x`` is then ignored (may be None). Returns
@@ -1000,17 +1060,20 @@ def matvec_q8act(
             )
         act = quantize_act(kind, x, q8_0_variant)
     act = _readonly_act(act, kind)
-    qk = QK8_0 if ACT_FORMAT[kind] == "q8_0" else QK_K
+    fmt = ACT_FORMAT[kind]
+    qk = QK_K if fmt == "q8_k" else QK8_0
     if (
         act[1].shape != (cols,)
         or act[0].shape != (cols // qk,)
-        or (len(act) == 3 and act[2].shape != (cols // 16,))
+        or (len(act) == 3 and act[2].shape != (cols // (16 if fmt == "q8_k" else qk),))
     ):
         raise TensorShapeError(
             f"matvec_q8act {kind}: activations quantized for {act[1].shape[0]} columns, "
             f"the weight has {cols}"
         )
     out = _q._out(out, (data.shape[0],), f"matvec_q8act {kind}")
+    if fmt == "q8_0":
+        act = (act[0], act[1], _NO_XS)
     MATVEC_Q8ACT[kind](data, *act, out)
     return out
 
@@ -1052,7 +1115,7 @@ def dequantized_activations(kind: str, x: np.ndarray) -> np.ndarray:
     the decode kernels exactly.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    fmt_k = ACT_FORMAT[kind] != "q8_0"
+    fmt_k = ACT_FORMAT[kind] == "q8_k"  # q8_0 and q8_1 share their quants and d
     n = x.shape[-1]
     qk = QK_K if fmt_k else QK8_0
     if x.size == 0 or n % qk:
