@@ -5,8 +5,11 @@ Renders a fixed set of conversations plus seeded random ones (system or not, alt
 not, unicode, newlines, braces, control-token texts inside messages, with and without the
 generation prompt) through transformers' ``apply_chat_template(..., tokenize=False)`` and
 writes template, inputs and the expected text (or the error the template raises) to
-``tests/data/chat_templates.json``. With the real SmolLM2 file it also records the token ids
-transformers' GGUF tokenizer gives (``tokenize=True``) to ``tests/data/smollm2_chat.json``.
+``tests/data/chat_templates.json``. With the real SmolLM2 file it also records the rendered
+text and the token ids transformers' GGUF tokenizer gives (``tokenize=True``) to
+``tests/data/smollm2_chat.json`` (bench/record_smollm2_llamacpp.py adds llama.cpp's ids of
+the same texts: transformers' GGUF converter gives SmolLM's pre-tokenizer no digit split, so
+its ids differ from llama.cpp's where a digit follows spaces).
 
 Run with the reference environment (transformers; no torch needed for this)::
 
@@ -176,9 +179,10 @@ def main():
     convs = FIXED + [random_conversation(rng) for _ in range(args.random)]
     rows = []
     for msgs in convs:
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        rows.append({"messages": msgs, "ids": list(map(int, ids))})
+        rows.append({"messages": msgs, "text": text, "ids": list(map(int, ids))})
     (OUT / "smollm2_chat.json").write_text(json.dumps(
         {"generator": "scripts/record_chat_templates.py (transformers, GGUF tokenizer)",
          "cases": rows}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
