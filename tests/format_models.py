@@ -12,7 +12,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-H, INTER, N_HEADS, N_KV, LAYERS, VOCAB = 256, 512, 4, 2, 2, 64
+H, INTER, N_HEADS, N_KV, LAYERS, VOCAB = 256, 256, 4, 2, 2, 64
 MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 

@@ -5,7 +5,11 @@ import numpy as np
 from torchless.kernels import quant as Q
 
 # byte offsets of the half-float fields (d, dmin) inside one block
-F16_FIELDS = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+F16_FIELDS = {
+    "q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "iq4_nl": [0],
+    "q2_k": [80, 82], "q3_k": [108], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208],
+    "iq4_xs": [0], "tq1_0": [52], "tq2_0": [64],
+}
 
 
 def random_blocks(kind, rows, nblocks, rng, wild_scales=False):

@@ -2,7 +2,8 @@
 
 The data is whatever the file holds, never upcast on load: ``f32`` float32, ``f16`` float16,
 ``bf16`` uint16 bit patterns, and the block-quantized GGUF kinds (``q8_0``, ``q4_0``,
-``q4_1``, ``q5_0``, ``q4_k``, ``q5_k``, ``q6_k``) as uint8 rows of blocks. For a lazily loaded
+``q4_1``, ``q5_0``, ``q5_1``, ``iq4_nl``, ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``,
+``iq4_xs``, ``tq1_0``, ``tq2_0``) as uint8 rows of blocks. For a lazily loaded
 model the array is a view of a memory map, so reading it pages the file in.
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 FLOAT_KINDS = ("f32", "f16", "bf16")
-QUANT_KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k")
+QUANT_KINDS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k",
+               "q5_k", "q6_k", "iq4_xs", "tq1_0", "tq2_0")
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

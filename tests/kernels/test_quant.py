@@ -21,6 +21,13 @@ GGML = {
     "q4_k": G.Q4_K,
     "q5_k": G.Q5_K,
     "q6_k": G.Q6_K,
+    "q5_1": G.Q5_1,
+    "iq4_nl": G.IQ4_NL,
+    "q2_k": G.Q2_K,
+    "q3_k": G.Q3_K,
+    "iq4_xs": G.IQ4_XS,
+    "tq1_0": G.TQ1_0,
+    "tq2_0": G.TQ2_0,
 }
 KINDS = list(GGML)
 

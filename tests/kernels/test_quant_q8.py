@@ -25,7 +25,10 @@ from torchless.kernels import quant as Q
 from quant_blocks import random_blocks
 from torchless.kernels import quant_q8 as Q8
 
-KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"]
+KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k", "q2_k",
+         "q3_k", "iq4_xs", "tq1_0", "tq2_0"]
+# the kinds whose kernels are vector IR that depends on the ISA tier (the others are plain Numba)
+IR_KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k"]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F32 = np.float32
 
@@ -271,10 +274,16 @@ def int_weights(kind, data):
     b = data.reshape(data.shape[0], -1, bpb)
     if kind == "q8_0":
         return f16(b, 0), b[..., 2:34].view(np.int8).astype(np.int64)
-    if kind == "q4_1":
-        qs = b[..., 4:20]
+    if kind in ("q4_1", "q5_1"):
+        qs = b[..., -16:]
         q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int64)
+        if kind == "q5_1":
+            qh = b[..., 4:8].copy().view("<u4").astype(np.int64)
+            q |= ((qh >> np.arange(32)) & 1) << 4
         return f16(b, 0), f16(b, 2), q
+    if kind == "iq4_nl":
+        qs = b[..., 2:18]
+        return f16(b, 0), KVALUES[np.concatenate([qs & 15, qs >> 4], axis=-1)]
     if kind in ("q4_0", "q5_0"):
         qs = b[..., -16:]
         q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int64)
@@ -311,11 +320,96 @@ def int_weights(kind, data):
     return d, sc, q
 
 
+KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
+
+
+def low2(qs):
+    """2-bit fields of 64 bytes [.., 64] in ggml's order (q2_k, q3_k, tq2_0) -> [.., 256]."""
+    q = (qs.reshape(qs.shape[:-1] + (2, 1, 32)).astype(np.int64) >> np.array([0, 2, 4, 6])
+         .reshape(4, 1)) & 3
+    return q.reshape(qs.shape[:-1] + (256,))
+
+
+def k_ints(kind, b):
+    """Integer quants [.., 256] and per-element integer scales of the new 256-element kinds
+    (from the block bytes, as ggml's generic code reads them)."""
+    if kind == "q2_k":
+        sc = b[..., 0:16].astype(np.int64)
+        return low2(b[..., 16:80]), np.repeat(sc & 15, 16, axis=-1), sc >> 4
+    if kind == "q3_k":
+        hm = b[..., 0:32].astype(np.int64)
+        hb = ((hm[..., None, :] >> np.arange(8).reshape(8, 1)) & 1).reshape(b.shape[:-1] + (256,))
+        q = low2(b[..., 32:96]) - 4 * (1 - hb)
+        a = b[..., 96:108].astype(np.int64)
+        lo = np.concatenate([a[..., 0:8] & 15, a[..., 0:8] >> 4], axis=-1)
+        hi = np.concatenate([(a[..., 8:12] >> (2 * k)) & 3 for k in range(4)], axis=-1)
+        return q, np.repeat((lo | (hi << 4)) - 32, 16, axis=-1), None
+    if kind == "iq4_xs":
+        h = b[..., 2].astype(np.int64) | (b[..., 3].astype(np.int64) << 8)
+        sl = b[..., 4:8].astype(np.int64)
+        lo = np.stack([sl & 15, sl >> 4], axis=-1).reshape(b.shape[:-1] + (8,))
+        ls = (lo | (((h[..., None] >> (2 * np.arange(8))) & 3) << 4)) - 32
+        qs = b[..., 8:136].reshape(b.shape[:-1] + (8, 16))
+        q = KVALUES[np.concatenate([qs & 15, qs >> 4], axis=-1)].reshape(b.shape[:-1] + (256,))
+        return q, ls, None
+    if kind == "tq2_0":
+        return low2(b[..., 0:64]) - 1, None, None
+    # tq1_0: base-3 digits, in ggml's fixed-point form
+    pow3 = np.array([1, 3, 9, 27, 81])
+    parts = [(b[..., None, 0:32].astype(np.int64) * pow3.reshape(5, 1)),
+             (b[..., None, 32:48].astype(np.int64) * pow3.reshape(5, 1)),
+             (b[..., None, 48:52].astype(np.int64) * pow3[:4].reshape(4, 1))]
+    v = np.concatenate([p.reshape(b.shape[:-1] + (-1,)) for p in parts], axis=-1) & 255
+    return ((v * 3) >> 8) - 1, None, None
+
+
+def new_k_dot(kind, data, act):
+    """ggml_vec_dot_<kind>_q8_K_generic for q2_k, q3_k, iq4_xs, tq1_0, tq2_0."""
+    xd, xq, bsums = act
+    rows = data.shape[0]
+    bpb = Q.BLOCK_INFO[kind][1]
+    b = data.reshape(rows, -1, bpb)
+    nb = b.shape[1]
+    x = xq.reshape(nb, 256).astype(np.int64)
+    q, sc, mins = k_ints(kind, b)
+    sumf = np.zeros(rows, np.float32)
+    sums = np.zeros((rows, 8), np.float32)
+    for i in range(nb):
+        if kind == "q2_k":
+            isum = (sc[:, i] * q[:, i] * x[i]).sum(-1)
+            summs = (bsums.reshape(nb, 16)[i].astype(np.int64) * mins[:, i]).sum(-1)
+            dall = xd[i] * f16(b[:, i], 80)
+            dmin = xd[i] * f16(b[:, i], 82)
+            sumf = (sumf + (dall * isum.astype(np.float32) - dmin * summs.astype(np.float32))
+                    ).astype(np.float32)
+        elif kind == "q3_k":
+            aux = (sc[:, i] * q[:, i] * x[i]).reshape(rows, 32, 8).sum(axis=1)
+            d = f16(b[:, i], 108) * xd[i]
+            sums = (sums + d[:, None] * aux.astype(np.float32)).astype(np.float32)
+        elif kind == "iq4_xs":
+            d4d8 = f16(b[:, i], 0) * xd[i]
+            isum = (q[:, i] * x[i]).reshape(rows, 8, 32).sum(-1)
+            for j in range(8):
+                d1 = (d4d8 * sc[:, i, j].astype(np.float32)).astype(np.float32)
+                sumf = (sumf + d1 * isum[:, j].astype(np.float32)).astype(np.float32)
+        else:
+            off = 64 if kind == "tq2_0" else 52
+            isum = (q[:, i] * x[i]).sum(-1)
+            sumf = (sumf + isum.astype(np.float32) * (f16(b[:, i], off) * xd[i])).astype(
+                np.float32)
+    if kind == "q3_k":
+        for lane in range(8):
+            sumf = (sumf + sums[:, lane]).astype(np.float32)
+    return sumf
+
+
 def generic_dot(kind, data, act):
     """ggml_vec_dot_<kind>_q8_<0|1|K>_generic for every row of ``data``."""
     rows = data.shape[0]
     sumf = np.zeros(rows, np.float32)
-    if kind == "q4_1":
+    if kind in ("q2_k", "q3_k", "iq4_xs", "tq1_0", "tq2_0"):
+        return new_k_dot(kind, data, act)
+    if kind in ("q4_1", "q5_1"):
         xd, xq, xs = act
         wd, wm, q = int_weights(kind, data)
         isum = (q * xq.reshape(-1, 32).astype(np.int64)).sum(axis=-1)
@@ -323,13 +417,15 @@ def generic_dot(kind, data, act):
             term = (wd[:, b] * xd[b]) * isum[:, b].astype(np.float32) + wm[:, b] * xs[b]
             sumf = (sumf + term).astype(np.float32)
         return sumf
-    if kind in ("q8_0", "q4_0", "q5_0"):
+    if kind in ("q8_0", "q4_0", "q5_0", "iq4_nl"):
         xd, xq = act
         wd, q = int_weights(kind, data)
         isum = (q * xq.reshape(-1, 32).astype(np.int64)).sum(axis=-1)  # [rows, nb] exact
         for b in range(q.shape[1]):
             fi = isum[:, b].astype(np.float32)
-            if kind == "q8_0":
+            if kind == "iq4_nl":
+                term = (xd[b] * wd[:, b]) * fi
+            elif kind == "q8_0":
                 term = fi * (wd[:, b] * xd[b])
             elif kind == "q4_0":
                 term = (fi * wd[:, b]) * xd[b]
@@ -495,7 +591,7 @@ def test_kernel_isa_tiers_agree(tmp_path, tier):
         pytest.skip(f"the host build is already {Q8.ISA}")
     rng = np.random.default_rng(11)
     cases = {}
-    for kind in KINDS:
+    for kind in IR_KINDS:
         epb, _ = Q.BLOCK_INFO[kind]
         nb = 11 if epb == 32 else 3
         data = random_blocks(kind, 7, nb, rng)
@@ -508,7 +604,7 @@ def test_kernel_isa_tiers_agree(tmp_path, tier):
         import numpy as np
         from torchless.kernels import quant_q8 as Q8
         assert Q8.ISA == {tier!r}, Q8.ISA
-        for kind in {KINDS!r}:
+        for kind in {IR_KINDS!r}:
             d = np.load({str(tmp_path)!r} + f"/{{kind}}_data.npy")
             x = np.load({str(tmp_path)!r} + f"/{{kind}}_x.npy")
             np.save({str(tmp_path)!r} + f"/{{kind}}_out.npy", Q8.matvec_q8act(kind, d, x))
@@ -516,7 +612,7 @@ def test_kernel_isa_tiers_agree(tmp_path, tier):
     )
     env = dict(os.environ, TORCHLESS_Q8ACT_ISA=tier, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
-    for kind in KINDS:
+    for kind in IR_KINDS:
         np.testing.assert_array_equal(np.load(tmp_path / f"{kind}_out.npy"), cases[kind])
 
 

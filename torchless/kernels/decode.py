@@ -19,9 +19,12 @@ from . import ops as ko
 from . import quant as kq
 from . import quant_q8 as q8
 
-NONE, F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, Q4_1 = range(-1, 10)
+(NONE, F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, IQ4_NL, Q2_K, Q3_K,
+ IQ4_XS, TQ1_0, TQ2_0) = range(-1, 17)
 KIND_CODES = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0,
-              "q5_0": Q5_0, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K, "q4_1": Q4_1}
+              "q5_0": Q5_0, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K, "q4_1": Q4_1,
+              "q5_1": Q5_1, "iq4_nl": IQ4_NL, "q2_k": Q2_K, "q3_k": Q3_K, "iq4_xs": IQ4_XS,
+              "tq1_0": TQ1_0, "tq2_0": TQ2_0}
 
 # weight / bias slots
 W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN = range(7)
@@ -56,7 +59,7 @@ def linear(kind, w, b, x, out, act_quant):
         km.matvec_bf16(w.view(np.uint16), x, out)
     elif act_quant:
         n = x.shape[0]
-        if kind == Q8_0 or kind == Q4_0 or kind == Q5_0:  # q8_0 activations
+        if kind == Q8_0 or kind == Q4_0 or kind == Q5_0 or kind == IQ4_NL:  # q8_0 activations
             xd = np.empty(n // 32, np.float32)
             xq = np.empty(n, np.int8)
             q8._q8_0_act_x86_into(x, xd, xq)
@@ -65,14 +68,19 @@ def linear(kind, w, b, x, out, act_quant):
                 q8.matvec_q8act_q8_0(w, xd, xq, no_xs, out)
             elif kind == Q4_0:
                 q8.matvec_q8act_q4_0(w, xd, xq, no_xs, out)
-            else:
+            elif kind == Q5_0:
                 q8.matvec_q8act_q5_0(w, xd, xq, no_xs, out)
-        elif kind == Q4_1:  # q8_1 activations
+            else:
+                q8.matvec_q8act_iq4_nl(w, xd, xq, no_xs, out)
+        elif kind == Q4_1 or kind == Q5_1:  # q8_1 activations
             xd = np.empty(n // 32, np.float32)
             xs = np.empty(n // 32, np.float32)
             xq = np.empty(n, np.int8)
             q8._q8_1_act_x86_into(x, xd, xq, xs)
-            q8.matvec_q8act_q4_1(w, xd, xq, xs, out)
+            if kind == Q4_1:
+                q8.matvec_q8act_q4_1(w, xd, xq, xs, out)
+            else:
+                q8.matvec_q8act_q5_1(w, xd, xq, xs, out)
         else:  # q8_K activations
             xd = np.empty(n // 256, np.float32)
             xq = np.empty(n, np.int8)
@@ -82,8 +90,18 @@ def linear(kind, w, b, x, out, act_quant):
                 q8.matvec_q8act_q4_k(w, xd, xq, bsums, out)
             elif kind == Q5_K:
                 q8.matvec_q8act_q5_k(w, xd, xq, bsums, out)
-            else:
+            elif kind == Q6_K:
                 q8.matvec_q8act_q6_k(w, xd, xq, bsums, out)
+            elif kind == Q2_K:
+                q8.matvec_q8act_q2_k(w, xd, xq, bsums, out)
+            elif kind == Q3_K:
+                q8.matvec_q8act_q3_k(w, xd, xq, bsums, out)
+            elif kind == IQ4_XS:
+                q8.matvec_q8act_iq4_xs(w, xd, xq, bsums, out)
+            elif kind == TQ1_0:
+                q8.matvec_q8act_tq1_0(w, xd, xq, bsums, out)
+            else:
+                q8.matvec_q8act_tq2_0(w, xd, xq, bsums, out)
     elif kind == Q8_0:
         kq.matvec_q8_0(w, x, out)
     elif kind == Q4_0:
@@ -92,12 +110,26 @@ def linear(kind, w, b, x, out, act_quant):
         kq.matvec_q4_1(w, x, out)
     elif kind == Q5_0:
         kq.matvec_q5_0(w, x, out)
+    elif kind == Q5_1:
+        kq.matvec_q5_1(w, x, out)
+    elif kind == IQ4_NL:
+        kq.matvec_iq4_nl(w, x, out)
+    elif kind == Q2_K:
+        kq.matvec_q2_k(w, x, out)
+    elif kind == Q3_K:
+        kq.matvec_q3_k(w, x, out)
     elif kind == Q4_K:
         kq.matvec_q4_k(w, x, out)
     elif kind == Q5_K:
         kq.matvec_q5_k(w, x, out)
-    else:
+    elif kind == Q6_K:
         kq.matvec_q6_k(w, x, out)
+    elif kind == IQ4_XS:
+        kq.matvec_iq4_xs(w, x, out)
+    elif kind == TQ1_0:
+        kq.matvec_tq1_0(w, x, out)
+    else:
+        kq.matvec_tq2_0(w, x, out)
     if b.shape[0] > 0:
         for i in range(out.shape[0]):
             out[i] += b[i]

@@ -23,6 +23,12 @@ q4_0        32     18    d, qs[16]: element j in the low nibble of qs[j],
 q4_1        32     20    d, m, qs[16] as q4_0;                w = d * q + m
 q5_0        32     22    d, qh (uint32, bit j = 5th bit of element j), qs[16] as q4_0;
                                                               w = d * (q - 16)
+q5_1        32     24    d, m, qh, qs[16] as q5_0;            w = d * q + m
+iq4_nl      32     18    d, qs[16] as q4_0;                   w = d * IQ4NL_VALUES[q]
+q2_k       256     84    scales[16] (4-bit scale | 4-bit min << 4), qs[64] (2-bit), d, dmin;
+                         16 sub-blocks of 16;                 w = d*sc*q - dmin*m
+q3_k       256    110    hmask[32], qs[64] (2-bit), scales[12] (16 six-bit), d;
+                         q = low - 4 unless the hmask bit is set; w = d * (sc - 32) * q
 q4_k       256    144    d, dmin, scales[12] (8 pairs of 6-bit scale/min), qs[128]:
                          the 32 bytes qs[32i:32i+32] hold sub-block 2i in the low nibbles
                          and sub-block 2i+1 in the high ones; w = d*sc*q - dmin*m
@@ -30,7 +36,17 @@ q5_k       256    176    d, dmin, scales[12], qh[32] (bit s of qh[l] = 5th bit o
                          l of sub-block s), qs[128] as q4_k;  w = d*sc*q - dmin*m
 q6_k       256    210    ql[128], qh[64], int8 scales[16], d; 16 sub-blocks of 16;
                                                               w = d * sc * (q - 32)
+iq4_xs     256    136    d, scales_h, scales_l[4] (8 six-bit), qs[128] (8 x 16 nibbles);
+                                                 w = d * (sc - 32) * IQ4NL_VALUES[q]
+tq1_0      256     54    qs[48], qh[4] (5 / 4 base-3 digits a byte), d; w = d * (t - 1)
+tq2_0      256     66    qs[64] (2-bit), d;                   w = d * (q - 1)
 ========  ======  =====  ============================================================
+
+Adding a format: one section below (block layout in a comment, ``_deq_<kind>``,
+``_dot_<kind>``, ``_row_<kind>``, a ``_register`` call), its entry in
+:mod:`torchless.kernels.quant_q8` (the activation format llama.cpp pairs it with and the
+integer row function), its GGUF type id in :mod:`torchless.gguf`, its kind code in
+:mod:`torchless.kernels.decode`, and its name in ``weights.QUANT_KINDS``.
 
 A quantized weight's ``data`` is uint8 ``[rows, bytes_per_row]``; every row holds
 ``cols // elems`` whole blocks.
@@ -660,6 +676,413 @@ def _row_q6_k(u, s, dst):
 
 
 _register("q6_k", 256, 210, _deq_q6_k, _dot_q6_k, _row_q6_k)
+
+
+# --- q5_1: d, m, qh (uint32), 16 bytes of nibbles; w = d * q + m -------------------------
+
+
+def _deq_q5_1(b):
+    d, m = _f16(b, 0), _f16(b, 2)
+    qh = np.ascontiguousarray(b[..., 4:8]).view("<u4")
+    bits = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    qs = b[..., 8:24]
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1) | (bits << 4)
+    return d * q.astype(np.float32) + m
+
+
+@njit(inline="always", cache=True)
+def _dot_q5_1(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 24):
+        o = b * 24
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        m = _h2f(u[o + 2], u[o + 3])
+        qh = _qh32(u, o + 4)
+        xb = b * 32
+        for j in range(16):
+            v = u[o + 8 + j]
+            lo = _ubits(v, 0, 15) + _F32(16) * _ubits(qh, j, 1)
+            hi = _ubits(v, 4, 15) + _F32(16) * _ubits(qh, j + 16, 1)
+            acc[j] += (d * lo + m) * x[xb + j]
+            acc[j + 16] += (d * hi + m) * x[xb + 16 + j]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _row_q5_1(u, s, dst):
+    for b in range(u.shape[0] // 24):
+        o = b * 24
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        m = _h2f(u[o + 2], u[o + 3])
+        qh = _qh32(u, o + 4)
+        for j in range(16):
+            v = u[o + 8 + j]
+            dst[b * 32 + j] = d * (_ubits(v, 0, 15) + _F32(16) * _ubits(qh, j, 1)) + m
+            dst[b * 32 + 16 + j] = d * (_ubits(v, 4, 15) + _F32(16) * _ubits(qh, j + 16, 1)) + m
+
+
+_register("q5_1", 32, 24, _deq_q5_1, _dot_q5_1, _row_q5_1)
+
+
+# --- iq4_nl: d, 16 bytes of nibbles indexing a 16-value table; w = d * table[q] -----------
+
+#: the non-linear 4-bit levels of iq4_nl / iq4_xs (ggml's kvalues_iq4nl)
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                        dtype=np.int8)
+_IQ4NL_F32 = IQ4NL_VALUES.astype(np.float32)
+
+
+def _deq_iq4_nl(b):
+    qs = b[..., 2:18]
+    return _f16(b, 0) * _IQ4NL_F32[np.concatenate([qs & 15, qs >> 4], axis=-1)]
+
+
+@njit(inline="always", cache=True)
+def _dot_iq4_nl(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 18):
+        o = b * 18
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        xb = b * 32
+        for j in range(16):
+            v = u[o + 2 + j]
+            acc[j] += (d * _IQ4NL_F32[v & 15]) * x[xb + j]
+            acc[j + 16] += (d * _IQ4NL_F32[v >> 4]) * x[xb + 16 + j]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _row_iq4_nl(u, s, dst):
+    for b in range(u.shape[0] // 18):
+        o = b * 18
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        for j in range(16):
+            v = u[o + 2 + j]
+            dst[b * 32 + j] = d * _IQ4NL_F32[v & 15]
+            dst[b * 32 + 16 + j] = d * _IQ4NL_F32[v >> 4]
+
+
+_register("iq4_nl", 32, 18, _deq_iq4_nl, _dot_iq4_nl, _row_iq4_nl)
+
+
+# --- q2_k: scales[16] (4-bit scale | 4-bit min), qs[64] (2-bit), d, dmin ------------------
+# element e: sub-block e // 16; q = (qs[32 * (e // 128) + e % 32] >> 2 * (e % 128 // 32)) & 3;
+# w = d * (sc & 15) * q - dmin * (sc >> 4)
+
+
+def _deq_q2_k(b):
+    shape = b.shape[:-1]
+    sc = b[..., 0:16]
+    d, dmin = _f16(b, 80), _f16(b, 82)
+    dl = (d * (sc & 15).astype(np.float32))[..., None]  # [..., 16, 1]
+    ml = (dmin * (sc >> 4).astype(np.float32))[..., None]
+    qs = b[..., 16:80].reshape(shape + (2, 1, 32))
+    q = (qs >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3  # [..., 2, 4, 32]
+    q = q.reshape(shape + (16, 16)).astype(np.float32)
+    return (dl * q - ml).reshape(shape + (256,))
+
+
+@njit(inline="always", cache=True)
+def _dot_q2_k(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 84):
+        o = b * 84
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o + 80], u[o + 81])
+        dmin = _h2f(u[o + 82], u[o + 83])
+        for h in range(2):
+            for sh in range(4):
+                j = 8 * h + 2 * sh  # the sub-blocks j (l < 16) and j + 1
+                dl0 = d * _ubits(u[o + j], 0, 15)
+                ml0 = dmin * _ubits(u[o + j], 4, 15)
+                dl1 = d * _ubits(u[o + j + 1], 0, 15)
+                ml1 = dmin * _ubits(u[o + j + 1], 4, 15)
+                x0 = b * 256 + 128 * h + 32 * sh
+                for l in range(16):
+                    acc[l] += (dl0 * _ubits(u[o + 16 + 32 * h + l], 2 * sh, 3) - ml0) * x[x0 + l]
+                for l in range(16, 32):
+                    acc[l] += (dl1 * _ubits(u[o + 16 + 32 * h + l], 2 * sh, 3) - ml1) * x[x0 + l]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _row_q2_k(u, s, dst):
+    for b in range(u.shape[0] // 84):
+        o = b * 84
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o + 80], u[o + 81])
+        dmin = _h2f(u[o + 82], u[o + 83])
+        for h in range(2):
+            for sh in range(4):
+                j = 8 * h + 2 * sh
+                dl0 = d * _ubits(u[o + j], 0, 15)
+                ml0 = dmin * _ubits(u[o + j], 4, 15)
+                dl1 = d * _ubits(u[o + j + 1], 0, 15)
+                ml1 = dmin * _ubits(u[o + j + 1], 4, 15)
+                y0 = b * 256 + 128 * h + 32 * sh
+                for l in range(16):
+                    dst[y0 + l] = dl0 * _ubits(u[o + 16 + 32 * h + l], 2 * sh, 3) - ml0
+                for l in range(16, 32):
+                    dst[y0 + l] = dl1 * _ubits(u[o + 16 + 32 * h + l], 2 * sh, 3) - ml1
+
+
+_register("q2_k", 256, 84, _deq_q2_k, _dot_q2_k, _row_q2_k)
+
+
+# --- q3_k: hmask[32], qs[64] (2-bit), scales[12] (16 x 6 bits), d --------------------------
+# element e: low bits as q2_k, q = low - 4 unless bit e // 32 of hmask[e % 32] is set;
+# w = d * (sc - 32) * q
+
+
+def _q3_scales(sc12):
+    """The 16 six-bit q3_k scales minus 32 (int8 [..., 16]) from the 12 bytes."""
+    lo = np.concatenate([sc12[..., 0:8] & 15, sc12[..., 0:8] >> 4], axis=-1)
+    hi = (sc12[..., 8:12][..., None, :] >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+    hi = hi.reshape(sc12.shape[:-1] + (16,))
+    return (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+
+
+def _deq_q3_k(b):
+    shape = b.shape[:-1]
+    d = _f16(b, 108)
+    dl = (d * _q3_scales(b[..., 96:108]).astype(np.float32))[..., None]  # [..., 16, 1]
+    qs = b[..., 32:96].reshape(shape + (2, 1, 32))
+    low = ((qs >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3).reshape(
+        shape + (256,))
+    hm = b[..., 0:32].reshape(shape + (1, 32))
+    hb = ((hm >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1).reshape(shape + (256,))
+    q = low.astype(np.int8) - ((hb ^ 1) << 2).astype(np.int8)
+    return (dl * q.reshape(shape + (16, 16)).astype(np.float32)).reshape(shape + (256,))
+
+
+@njit(inline="always", cache=True)
+def _q3_scale(u, o, j):
+    """Scale j (0..15) of the q3_k block at byte o, minus 32, as float32."""
+    if j < 8:
+        lo = np.int64(u[o + 96 + j]) & 15
+    else:
+        lo = np.int64(u[o + 88 + j]) >> 4
+    hi = (np.int64(u[o + 104 + j % 4]) >> (2 * (j // 4))) & 3
+    return _F32((lo | (hi << 4)) - 32)
+
+
+@njit(inline="always", cache=True)
+def _dot_q3_k(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 110):
+        o = b * 110
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o + 108], u[o + 109])
+        for h in range(2):
+            for sh in range(4):
+                j = 8 * h + 2 * sh
+                dl0 = d * _q3_scale(u, o, j)
+                dl1 = d * _q3_scale(u, o, j + 1)
+                x0 = b * 256 + 128 * h + 32 * sh
+                hbit = 4 * h + sh
+                for l in range(32):
+                    q = (_ubits(u[o + 32 + 32 * h + l], 2 * sh, 3)
+                         - _F32(4) + _F32(4) * _ubits(u[o + l], hbit, 1))
+                    acc[l] += ((dl0 if l < 16 else dl1) * q) * x[x0 + l]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _row_q3_k(u, s, dst):
+    for b in range(u.shape[0] // 110):
+        o = b * 110
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o + 108], u[o + 109])
+        for h in range(2):
+            for sh in range(4):
+                j = 8 * h + 2 * sh
+                dl0 = d * _q3_scale(u, o, j)
+                dl1 = d * _q3_scale(u, o, j + 1)
+                y0 = b * 256 + 128 * h + 32 * sh
+                hbit = 4 * h + sh
+                for l in range(32):
+                    q = (_ubits(u[o + 32 + 32 * h + l], 2 * sh, 3)
+                         - _F32(4) + _F32(4) * _ubits(u[o + l], hbit, 1))
+                    dst[y0 + l] = (dl0 if l < 16 else dl1) * q
+
+
+_register("q3_k", 256, 110, _deq_q3_k, _dot_q3_k, _row_q3_k)
+
+
+# --- iq4_xs: d, scales_h (uint16), scales_l[4], qs[128]; 8 sub-blocks of 32 -----------------
+# sub-block j: ls = (4 bits of scales_l[j // 2]) | (2 bits j of scales_h) << 4; its 16 bytes
+# qs[16j:16j+16] hold elements 32j + l (low nibbles) and 32j + 16 + l (high);
+# w = d * (ls - 32) * table[q]
+
+
+def _deq_iq4_xs(b):
+    shape = b.shape[:-1]
+    d = _f16(b, 0)
+    sh = (b[..., 2].astype(np.uint16) | (b[..., 3].astype(np.uint16) << np.uint16(8)))[..., None]
+    sl = b[..., 4:8]
+    lo = np.stack([sl & 15, sl >> 4], axis=-1).reshape(shape + (8,))
+    hi = ((sh >> (2 * np.arange(8, dtype=np.uint16))) & 3).astype(np.uint8)
+    ls = (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+    dl = (d * ls.astype(np.float32))[..., None]  # [..., 8, 1]
+    qs = b[..., 8:136].reshape(shape + (8, 16))
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1)  # [..., 8, 32]
+    return (dl * _IQ4NL_F32[q]).reshape(shape + (256,))
+
+
+@njit(inline="always", cache=True)
+def _iq4_xs_scale(u, o, j):
+    """Scale j (0..7) of the iq4_xs block at byte o, minus 32, as float32."""
+    lo = (np.int64(u[o + 4 + j // 2]) >> (4 * (j % 2))) & 15
+    h = np.int64(u[o + 2]) | (np.int64(u[o + 3]) << 8)
+    return _F32((lo | (((h >> (2 * j)) & 3) << 4)) - 32)
+
+
+@njit(inline="always", cache=True)
+def _dot_iq4_xs(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 136):
+        o = b * 136
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        for j in range(8):
+            dl = d * _iq4_xs_scale(u, o, j)
+            qo = o + 8 + 16 * j
+            x0 = b * 256 + 32 * j
+            for l in range(16):
+                v = u[qo + l]
+                acc[l] += (dl * _IQ4NL_F32[v & 15]) * x[x0 + l]
+                acc[l + 16] += (dl * _IQ4NL_F32[v >> 4]) * x[x0 + 16 + l]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _row_iq4_xs(u, s, dst):
+    for b in range(u.shape[0] // 136):
+        o = b * 136
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o], u[o + 1])
+        for j in range(8):
+            dl = d * _iq4_xs_scale(u, o, j)
+            qo = o + 8 + 16 * j
+            y0 = b * 256 + 32 * j
+            for l in range(16):
+                v = u[qo + l]
+                dst[y0 + l] = dl * _IQ4NL_F32[v & 15]
+                dst[y0 + 16 + l] = dl * _IQ4NL_F32[v >> 4]
+
+
+_register("iq4_xs", 256, 136, _deq_iq4_xs, _dot_iq4_xs, _row_iq4_xs)
+
+
+# --- tq2_0: qs[64] (2-bit), d; element e as q2_k's low bits; w = d * (q - 1) ---------------
+
+
+def _deq_tq2_0(b):
+    shape = b.shape[:-1]
+    qs = b[..., 0:64].reshape(shape + (2, 1, 32))
+    q = ((qs >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)) & 3).astype(np.int8)
+    return _f16(b, 64) * (q - np.int8(1)).reshape(shape + (256,)).astype(np.float32)
+
+
+@njit(inline="always", cache=True)
+def _dot_tq2_0(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 66):
+        o = b * 66
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o + 64], u[o + 65])
+        for h in range(2):
+            for sh in range(4):
+                x0 = b * 256 + 128 * h + 32 * sh
+                for l in range(32):
+                    q = _ubits(u[o + 32 * h + l], 2 * sh, 3) - _F32(1)
+                    acc[l] += (d * q) * x[x0 + l]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _row_tq2_0(u, s, dst):
+    for b in range(u.shape[0] // 66):
+        o = b * 66
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o + 64], u[o + 65])
+        for h in range(2):
+            for sh in range(4):
+                y0 = b * 256 + 128 * h + 32 * sh
+                for l in range(32):
+                    dst[y0 + l] = d * (_ubits(u[o + 32 * h + l], 2 * sh, 3) - _F32(1))
+
+
+_register("tq2_0", 256, 66, _deq_tq2_0, _dot_tq2_0, _row_tq2_0)
+
+
+# --- tq1_0: qs[48], qh[4] (5 resp. 4 base-3 digits per byte, fixed point), d ---------------
+# digit n of byte v: ((v * 3**n mod 256) * 3) >> 8, in 0..2; w = d * (digit - 1). Elements
+# 0..159: digit n of qs[m] (m < 32) is element 32n + m; 160..239: digit n of qs[32 + m]
+# (m < 16) is element 160 + 16n + m; 240..255: digit n of qh[m] is element 240 + 4n + m.
+
+_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+
+
+def _deq_tq1_0(b):
+    shape = b.shape[:-1]
+    p = _POW3.reshape(5, 1)
+    parts = [(b[..., None, 0:32] * p).reshape(shape + (160,)),
+             (b[..., None, 32:48] * p).reshape(shape + (80,)),
+             (b[..., None, 48:52] * p[:4]).reshape(shape + (16,))]
+    v = np.concatenate(parts, axis=-1).astype(np.uint16)
+    q = ((v * 3) >> 8).astype(np.int8) - np.int8(1)
+    return _f16(b, 52) * q.astype(np.float32)
+
+
+@njit(inline="always", cache=True)
+def _trit(v, n):
+    """Base-3 digit n of a tq1_0 byte, minus 1, as float32."""
+    p = (np.int64(v) * _POW3[n]) & 255
+    return _F32((p * 3) >> 8) - _F32(1)
+
+
+@njit(inline="always", cache=True)
+def _dot_tq1_0(u, s, x, acc):
+    acc[:] = 0
+    for b in range(u.shape[0] // 54):
+        o = b * 54
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o + 52], u[o + 53])
+        x0 = b * 256
+        for n in range(5):
+            for m in range(32):
+                acc[m] += (d * _trit(u[o + m], n)) * x[x0 + 32 * n + m]
+            for m in range(16):
+                acc[16 + m] += (d * _trit(u[o + 32 + m], n)) * x[x0 + 160 + 16 * n + m]
+        for n in range(4):
+            for m in range(4):
+                acc[4 * n + m] += (d * _trit(u[o + 48 + m], n)) * x[x0 + 240 + 4 * n + m]
+    return _lanes_sum(acc)
+
+
+@njit(inline="always", cache=True)
+def _row_tq1_0(u, s, dst):
+    for b in range(u.shape[0] // 54):
+        o = b * 54
+        prefetch(u, o + PREFETCH_BYTES)
+        d = _h2f(u[o + 52], u[o + 53])
+        y0 = b * 256
+        for n in range(5):
+            for m in range(32):
+                dst[y0 + 32 * n + m] = d * _trit(u[o + m], n)
+            for m in range(16):
+                dst[y0 + 160 + 16 * n + m] = d * _trit(u[o + 32 + m], n)
+        for n in range(4):
+            for m in range(4):
+                dst[y0 + 240 + 4 * n + m] = d * _trit(u[o + 48 + m], n)
+
+
+_register("tq1_0", 256, 54, _deq_tq1_0, _dot_tq1_0, _row_tq1_0)
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,11 +3,14 @@
 llama.cpp never multiplies a block-quantized weight by float32 activations. It first
 quantizes the activation vector (once per product) to the weight's "vec_dot type":
 
-* ``q8_0`` blocks of 32 -- ``d`` (a half float) and 32 int8 -- for ``q8_0``, ``q4_0`` and
-  ``q5_0`` weights (:func:`quantize_q8_0_act`, ggml's ``quantize_row_q8_0_ref``);
+* ``q8_0`` blocks of 32 -- ``d`` (a half float) and 32 int8 -- for ``q8_0``, ``q4_0``,
+  ``q5_0`` and ``iq4_nl`` weights (:func:`quantize_q8_0_act`, ggml's ``quantize_row_q8_0_ref``);
+* ``q8_1`` blocks of 32 -- ``q8_0``'s plus ``s``, the half-rounded ``d * sum(qs)`` -- for
+  ``q4_1`` and ``q5_1`` weights, whose min term ``m * sum(x)`` becomes ``m * s``
+  (:func:`quantize_q8_1_act`);
 * ``q8_K`` blocks of 256 -- ``d`` (float32), 256 int8 and 16 ``bsums`` (sums of 16
-  consecutive quants) -- for ``q4_k``, ``q5_k`` and ``q6_k`` weights
-  (:func:`quantize_q8_k_act`, ggml's ``quantize_row_q8_K_ref``),
+  consecutive quants) -- for ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``, ``iq4_xs``,
+  ``tq1_0`` and ``tq2_0`` weights (:func:`quantize_q8_k_act`, ggml's ``quantize_row_q8_K_ref``),
 
 then takes integer dot products block by block (int32 accumulation) and scales them.
 
@@ -24,6 +27,13 @@ q4_k/q5_k   ``aux[l] = sum_s sc_s * dot_s`` over the elements ``e`` of the block
             ``sumf -= (wdmin*xd) * float(sum_j bsums[j] * m_{j//2})``; at the end of the
             row ``sumf += sums[0]; ...; sumf += sums[7]`` -- ggml's generic C order
 q6_k        as q4_k without the min term (``sc`` are the signed int8 sub-block scales)
+q4_1, q5_1  as q4_0 with the unsigned quants, plus ``m * s`` per block summed in a scalar
+            that is added after the lanes (llama.cpp's x86 order)
+iq4_nl      as q4_0, the weights being the table values ``IQ4NL_VALUES[q]``
+q2_k, q3_k, the integers of ggml's ``*_generic`` C code (kept in float32 lanes: exact below
+iq4_xs,     2**24) and its float terms in its order: q2_k ``sumf += dall*isum - dmin*summs``;
+tq1_0,      q3_k eight lanes ``e % 8`` as q6_k; iq4_xs ``sumf += (d*(ls-32)) * isum`` per
+tq2_0       sub-block of 32; tq* ``sumf += isum * (wd*xd)`` per block
 ==========  ===========================================================================
 
 The integers are those of every llama.cpp build; the float terms of a SIMD llama.cpp are
@@ -834,6 +844,33 @@ def _unsigned_q4_1(builder, p):
     return _shuf(builder, lo, hi, range(32))
 
 
+def _unsigned_q5_1(builder, p):
+    lo, hi = _lo_hi(builder, _load(builder, _at(builder, p, 8), _I8, 16))
+    qh = _load(builder, _at(builder, p, 4), _I8, 4)
+    qh8 = _shuf(builder, qh, qh, range(8))
+    return builder.or_(
+        _shuf(builder, lo, hi, range(32)), _q5_high(builder, qh8, [j // 8 for j in range(32)])
+    )
+
+
+def _lookup16(builder, idx, table):
+    """<32 x i8> indices 0..15 -> table[idx] (int8 values): one vpshufb on x86, a chain of
+    selects elsewhere."""
+    if ISA != "generic":
+        t = ir.Constant(_vec(_I8, 32), [ir.Constant(_I8, int(v) & 255) for v in table] * 2)
+        return _x86(builder, "llvm.x86.avx2.pshuf.b", _vec(_I8, 32), [t, idx])
+    out = _splat_const(_I8, 32, int(table[0]))
+    for k in range(1, 16):
+        hit = builder.icmp_unsigned("==", idx, _splat_const(_I8, 32, k))
+        out = builder.select(hit, _splat_const(_I8, 32, int(table[k]) & 255), out)
+    return out
+
+
+def _signed_iq4_nl(builder, p):
+    lo, hi = _lo_hi(builder, _load(builder, _at(builder, p, 2), _I8, 16))
+    return _lookup16(builder, _shuf(builder, lo, hi, range(32)), _q.IQ4NL_VALUES)
+
+
 def _make_rows2(weights, bpb, name, signed=True, with_min=False):
     """An intrinsic ``f(u0, u1, x, xd, xs, res)``: ``res[0], res[1]`` = the dot products of
     the rows ``u0``, ``u1`` (bytes of ``bpb``-byte blocks) with the activations ``(xd, x)``
@@ -951,14 +988,15 @@ def _rows_k_template(data, xd, xq, bsums, out):
 MATVEC_Q8ACT: dict = {}
 
 
-def _register(kind: str, act: str, fn) -> None:
+def _register(kind: str, act: str, fn, template=None) -> None:
     """Weights of ``kind`` meet activations of format ``act`` ("q8_0", "q8_1" or "q8_k")
-    through ``fn`` (a ``_rows2`` intrinsic, or a q8_K ``_row`` function); generates
-    ``matvec_q8act_<kind>``."""
+    through ``fn`` (a ``_rows2`` intrinsic, or a q8_K ``_row`` function for ``template``,
+    by default :func:`_rows_k_template`); generates ``matvec_q8act_<kind>``."""
     ACT_FORMAT[kind] = act
-    template, bound = (
-        (_rows_k_template, {"_row": fn}) if act == "q8_k" else (_rows2_template, {"_rows2": fn})
-    )
+    if act == "q8_k":
+        template, bound = template or _rows_k_template, {"_row": fn}
+    else:
+        template, bound = _rows2_template, {"_rows2": fn}
     name = f"matvec_q8act_{kind}"
     MATVEC_Q8ACT[kind] = globals()[name] = _q._generate(template, name, **bound)
     __all__.append(name)
@@ -984,6 +1022,144 @@ _register("q4_k", "q8_k", _row_q4_k)
 _register("q5_k", "q8_k", _row_q5_k)
 _register("q6_k", "q8_k", _row_q6_k)
 
+
+# --- the 256-element kinds without vector IR: integer sums in float32 -------------------
+# Their block products are integers below 2**24 in magnitude, so float32 lanes add them
+# exactly (in any order) -- loops LLVM vectorises -- and the result is the integer of
+# ggml's generic C code; the float terms then follow that code's order.
+
+
+def _rows_kf_template(data, xd, xq, bsums, out):
+    """out[r] = row r of ``data`` . the q8_K activations (xd, xq, bsums)."""
+    rows = data.shape[0]
+    xf = xq.astype(np.float32)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        lanes = np.empty(32, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _row(data[r], xd, xf, bsums, lanes)  # noqa: F821 (bound per kind)
+
+
+@njit(inline="always", cache=True)
+def _sum32(lanes):
+    t = _F32(0)
+    for l in range(32):
+        t += lanes[l]
+    return t
+
+
+@njit(inline="always", cache=True)
+def _rowf_q2_k(u, xd, xf, bsums, lanes):
+    sumf = _F32(0)
+    for b in range(u.shape[0] // 84):
+        o = b * 84
+        prefetch(u, o + PREFETCH_BYTES)
+        summs = _F32(0)
+        for j in range(16):
+            summs += _F32(bsums[b * 16 + j]) * _q._ubits(u[o + j], 4, 15)
+        lanes[:] = 0
+        for h in range(2):
+            for sh in range(4):
+                j = 8 * h + 2 * sh
+                s0 = _q._ubits(u[o + j], 0, 15)
+                s1 = _q._ubits(u[o + j + 1], 0, 15)
+                x0 = b * 256 + 128 * h + 32 * sh
+                for l in range(32):
+                    sc = s0 if l < 16 else s1
+                    lanes[l] += (sc * _q._ubits(u[o + 16 + 32 * h + l], 2 * sh, 3)) * xf[x0 + l]
+        dall = xd[b] * _h2f(u[o + 80], u[o + 81])
+        dmin = xd[b] * _h2f(u[o + 82], u[o + 83])
+        sumf += dall * _sum32(lanes) - dmin * summs
+    return sumf
+
+
+@njit(inline="always", cache=True)
+def _rowf_q3_k(u, xd, xf, bsums, lanes):
+    sums = np.zeros(8, np.float32)
+    for b in range(u.shape[0] // 110):
+        o = b * 110
+        prefetch(u, o + PREFETCH_BYTES)
+        lanes[:] = 0
+        for h in range(2):
+            for sh in range(4):
+                j = 8 * h + 2 * sh
+                s0 = _q._q3_scale(u, o, j)
+                s1 = _q._q3_scale(u, o, j + 1)
+                x0 = b * 256 + 128 * h + 32 * sh
+                hbit = 4 * h + sh
+                for l in range(32):
+                    q = (_q._ubits(u[o + 32 + 32 * h + l], 2 * sh, 3)
+                         - _F32(4) + _F32(4) * _q._ubits(u[o + l], hbit, 1))
+                    lanes[l] += ((s0 if l < 16 else s1) * q) * xf[x0 + l]
+        d = _h2f(u[o + 108], u[o + 109]) * xd[b]
+        for l in range(8):  # ggml's aux32[l]: the elements e with e % 8 == l
+            sums[l] += d * (lanes[l] + lanes[l + 8] + lanes[l + 16] + lanes[l + 24])
+    sumf = _F32(0)
+    for l in range(8):
+        sumf += sums[l]
+    return sumf
+
+
+@njit(inline="always", cache=True)
+def _rowf_iq4_xs(u, xd, xf, bsums, lanes):
+    sumf = _F32(0)
+    for b in range(u.shape[0] // 136):
+        o = b * 136
+        prefetch(u, o + PREFETCH_BYTES)
+        d4d8 = _h2f(u[o], u[o + 1]) * xd[b]
+        for j in range(8):
+            qo = o + 8 + 16 * j
+            x0 = b * 256 + 32 * j
+            for l in range(16):
+                v = u[qo + l]
+                lanes[l] = _q._IQ4NL_F32[v & 15] * xf[x0 + l]
+                lanes[l + 16] = _q._IQ4NL_F32[v >> 4] * xf[x0 + 16 + l]
+            sumf += (d4d8 * _q._iq4_xs_scale(u, o, j)) * _sum32(lanes)
+    return sumf
+
+
+@njit(inline="always", cache=True)
+def _rowf_tq2_0(u, xd, xf, bsums, lanes):
+    sumf = _F32(0)
+    for b in range(u.shape[0] // 66):
+        o = b * 66
+        prefetch(u, o + PREFETCH_BYTES)
+        lanes[:] = 0
+        for h in range(2):
+            for sh in range(4):
+                x0 = b * 256 + 128 * h + 32 * sh
+                for l in range(32):
+                    lanes[l] += (_q._ubits(u[o + 32 * h + l], 2 * sh, 3) - _F32(1)) * xf[x0 + l]
+        sumf += _sum32(lanes) * (xd[b] * _h2f(u[o + 64], u[o + 65]))
+    return sumf
+
+
+@njit(inline="always", cache=True)
+def _rowf_tq1_0(u, xd, xf, bsums, lanes):
+    sumf = _F32(0)
+    for b in range(u.shape[0] // 54):
+        o = b * 54
+        prefetch(u, o + PREFETCH_BYTES)
+        lanes[:] = 0
+        x0 = b * 256
+        for n in range(5):
+            for m in range(32):
+                lanes[m] += _q._trit(u[o + m], n) * xf[x0 + 32 * n + m]
+            for m in range(16):
+                lanes[16 + m] += _q._trit(u[o + 32 + m], n) * xf[x0 + 160 + 16 * n + m]
+        for n in range(4):
+            for m in range(4):
+                lanes[4 * n + m] += _q._trit(u[o + 48 + m], n) * xf[x0 + 240 + 4 * n + m]
+        sumf += _sum32(lanes) * (_h2f(u[o + 52], u[o + 53]) * xd[b])
+    return sumf
+
+
+_register("q5_1", "q8_1", _make_rows2(_unsigned_q5_1, 24, "_rows2_q5_1", False, True))
+_register("iq4_nl", "q8_0", _make_rows2(_signed_iq4_nl, 18, "_rows2_iq4_nl"))
+_register("q2_k", "q8_k", _rowf_q2_k, _rows_kf_template)
+_register("q3_k", "q8_k", _rowf_q3_k, _rows_kf_template)
+_register("iq4_xs", "q8_k", _rowf_iq4_xs, _rows_kf_template)
+_register("tq1_0", "q8_k", _rowf_tq1_0, _rows_kf_template)
+_register("tq2_0", "q8_k", _rowf_tq2_0, _rows_kf_template)
 
 _QUANTIZERS = {
     ("q8_0", "ref"): quantize_q8_0_act,
