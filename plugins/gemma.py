@@ -19,19 +19,6 @@ GEMMA2_DEFAULTS = dict(GEMMA_DEFAULTS, hidden_size=2304, intermediate_size=9216,
 GEMMA3_DEFAULTS = dict(GEMMA2_DEFAULTS, rope_theta=1_000_000.0, vocab_size=262208,
                        max_position_embeddings=131072)
 
-# Gemma's turn format (system text, if any, goes at the start of the first user turn).
-GEMMA_CHAT = (
-    "{{ bos_token }}"
-    "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set sys = messages[0]['content'] ~ '\n\n' %}{% set turns = messages[1:] %}"
-    "{% else %}{% set sys = '' %}{% set turns = messages %}{% endif %}"
-    "{% for m in turns %}"
-    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-    "{% if loop.first %}{{ sys }}{% endif %}{{ m['content'] | trim }}<end_of_turn>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-
 SANDWICH = {"post_attention_norm": "post_attention_layernorm",
             "ffn_norm": "pre_feedforward_layernorm",
             "post_ffw_norm": "post_feedforward_layernorm"}
@@ -98,7 +85,6 @@ def _gemma3_ropes(hf, d):
 
 
 GEMMA = ArchitectureSpec(
-    chat_template=GEMMA_CHAT,
     name="gemma",
     family="gemma",
     model_types=("gemma",),
@@ -113,7 +99,6 @@ GEMMA = ArchitectureSpec(
 )
 
 GEMMA2 = ArchitectureSpec(
-    chat_template=GEMMA_CHAT,
     name="gemma2",
     family="gemma",
     model_types=("gemma2",),
@@ -131,7 +116,6 @@ GEMMA2 = ArchitectureSpec(
 )
 
 GEMMA3 = ArchitectureSpec(
-    chat_template=GEMMA_CHAT,
     name="gemma3_text",
     family="gemma",
     model_types=("gemma3_text",),

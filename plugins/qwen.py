@@ -75,13 +75,7 @@ def qwen1_tensors(cfg):
     )
 
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 QWEN1 = ArchitectureSpec(
-    chat_template=CHATML,
     name="qwen",
     family="qwen",
     model_types=("qwen",),
@@ -97,7 +91,6 @@ QWEN1 = ArchitectureSpec(
 )
 
 QWEN2 = ArchitectureSpec(
-    chat_template=CHATML,
     name="qwen2",
     family="qwen",
     model_types=("qwen2",),
@@ -113,7 +106,6 @@ QWEN2 = ArchitectureSpec(
 )
 
 QWEN3 = ArchitectureSpec(
-    chat_template=CHATML,
     name="qwen3",
     family="qwen",
     model_types=("qwen3",),

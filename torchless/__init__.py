@@ -47,6 +47,7 @@ from .loader import (
     Qwen,
 )
 from .parameters import Parameters
+from . import pull  # noqa: F401  (torchless.pull.pull("smollm2") -> the file's path)
 from .plugins import ArchitectureSpec, TensorMap, register_plugin, registry, unregister_plugin
 from .rope import RopeConfig
 from .state import InferenceState, KVCache, common_prefix_len

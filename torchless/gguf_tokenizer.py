@@ -94,6 +94,9 @@ PRE_TOKENIZERS = {
     **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral",
                      "midm-2.0", "lfm2"), _LLAMA3_SPEC),
     **dict.fromkeys(("dbrx", "smaug-bpe"), ((LLAMA3_PATTERN,), False, False)),
+    # digits one by one, then GPT-2's regex (SmolLM's tokenizer.json: Digits + ByteLevel)
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                     "minerva-7b"), ((r"\p{N}", GPT2_PATTERN), False, False)),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan", "kormo",
                      "f2llmv2", "solar-open"), _QWEN2_SPEC),
 }

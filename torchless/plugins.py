@@ -51,8 +51,7 @@ class ArchitectureSpec:
     ``gguf_tensor_map(cfg) -> TensorMap`` names GGUF tensors (default: canonical names);
     ``tensor_map(cfg) -> TensorMap`` names the checkpoint's tensors;
     ``gguf_fixup(canonical, weight, cfg) -> Weight`` undoes GGUF converter layout changes;
-    ``model_class`` overrides the shared decoder (rarely needed);
-    ``chat_template`` (Jinja2) is the family's template for checkpoints that carry none.
+    ``model_class`` overrides the shared decoder (rarely needed).
     """
 
     name: str
@@ -69,7 +68,6 @@ class ArchitectureSpec:
     gguf_tensor_map: Callable | None = None  # default: GGUF names of tensor_map's tensors
     gguf_fixup: Callable | None = None
     model_class: type | None = None
-    chat_template: str | None = None  # used when the checkpoint carries none
     plugin: str = field(default="", compare=False)
 
 
