@@ -50,7 +50,8 @@ def qwen3_moe_config(hf):
                     intermediate_size=get(hf, "moe_intermediate_size", 768, kind=int),
                     router="softmax_topk", renorm=bool(hf.get("norm_topk_prob", False)),
                     layers=layers)
-    return make_config("qwen", "qwen3_moe", hf, dict(QWEN3_DEFAULTS, intermediate_size=6144),
+    # no head_dim field in Qwen3MoeConfig: attention takes hidden // heads unless one is given
+    return make_config("qwen", "qwen3_moe", hf, dict(QWEN2_DEFAULTS, intermediate_size=6144),
                        qk_norm="rms", layer_windows=_qwen2_windows(hf, n), moe=moe)
 
 

@@ -152,7 +152,8 @@ class ModelConfig:
         out = {k: getattr(self, k) for k in (
             "architecture", "variant", "vocab_size", "hidden_size", "num_layers", "num_heads",
             "num_kv_heads", "head_dim", "intermediate_size", "norm", "norm_eps", "activation",
-            "mlp", "residual", "qk_norm", "qk_norm_full", "attn_scale", "attn_softcap", "final_softcap",
+            "mlp", "residual", "qk_norm", "qk_norm_full", "attn_scale", "attn_softcap",
+            "final_softcap",
             "embed_scale", "tie_embeddings", "max_position_embeddings", "bos_token_id",
             "eos_token_ids")}
         windows = sorted({w for w in self.layer_windows if w is not None})
