@@ -10,7 +10,6 @@ import pytest
 import torchless
 from torchless import reference as ref
 from torchless.errors import ConfigError, MissingTensorError
-from torchless.kernels import matmul as km
 from conftest import FIXTURES
 
 MOE = ["mixtral", "qwen3_moe", "qwen3_moe_mixed", "olmoe"]
@@ -73,26 +72,33 @@ def test_decode_reads_only_the_chosen_experts(name):
 
 
 def test_prefill_reads_each_expert_once_per_batch(monkeypatch):
+    """Prefill groups the tokens by expert: one pass per projection, in which each chunk of
+    rows of each chosen expert is one work item (read once) serving all its tokens."""
+    from torchless.kernels import moe as kmoe
+
     d, r = _fixture("mixtral")
     model = torchless.ModelLoader.load_auto(d)
     calls = []
-    real = km.matmul
+    real = kmoe.grouped_matmul
 
-    def spy(w, x, *a, **kw):
-        calls.append((w.name, x.shape[0]))
-        return real(w, x, *a, **kw)
+    def spy(kind, mats, items, starts, order, xrow, X, out):
+        calls.append((items.copy(), starts.copy(), out.shape))
+        return real(kind, mats, items, starts, order, xrow, X, out)
 
-    from torchless.kernels import moe as kmoe
-
-    monkeypatch.setattr(kmoe.km, "matmul", spy)
+    monkeypatch.setattr(kmoe, "grouped_matmul", spy)
     ids = [int(t) for t in r["ids"]]
     model.prefill(model.new_state(), ids)
-    expert_calls = [c for c in calls if "experts" in c[0]]
-    names = [n for n, _ in expert_calls]
-    assert len(names) == len(set(names)), "an expert's weights were multiplied twice"
     k, L = model.config.moe.top_k, model.config.num_layers
-    # every token row goes through k experts per layer, in gate, up and down
-    assert sum(rows for _, rows in expert_calls) == 3 * k * L * len(ids)
+    assert len(calls) == 3 * L  # gate, up, down per layer
+    for items, starts, shape in calls:
+        assert shape[0] == len(ids) * k  # one output row per (token, choice)
+        pairs = {tuple(p) for p in items.tolist()}
+        assert len(pairs) == len(items), "a chunk of an expert was read twice"
+        used = set(np.nonzero(np.diff(starts))[0].tolist())
+        assert {e for e, _ in pairs} == used
+        chunks = -(-shape[1] // kmoe._CHUNK)
+        assert len(items) == len(used) * chunks
+        assert starts[-1] == len(ids) * k
 
 
 def test_lazy_experts_are_views_of_the_file():

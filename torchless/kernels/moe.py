@@ -267,30 +267,117 @@ def pack_layer(layer, cfg, act_code: int, act_quant: bool) -> tuple:
     """The extra arguments ``decode_moe`` takes for a mixture layer."""
     m = cfg.moe
     rkind, rw = kd.weight_bytes(layer.w["ffn_gate_inp"])
-    kinds = np.empty(3, np.int64)
-    lists = []
-    for i, name in enumerate(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")):
-        kinds[i], lst = expert_list(layer.w[name])
-        lists.append(lst)
+    packed = _packed_experts(layer, [layer.w[n] for n in ("ffn_gate_exps", "ffn_up_exps",
+                                                           "ffn_down_exps")])
+    kinds = np.array([p[0] for p in packed], np.int64)
+    lists = [p[1] for p in packed]
     return (rkind, rw, kinds, lists[0], lists[1], lists[2], m.top_k, ROUTER_CODES[m.router],
             bool(m.renorm), act_code, bool(act_quant), kd.f32_vector(None))
 
 
 # ---- prefill: tokens grouped by expert ------------------------------------------------------
 
+@njit(parallel=True, cache=True)
+def grouped_matmul(kind, mats, items, starts, order, xrow, X, out):
+    """``out[s] = mats[e] @ X[xrow[s]]`` for every slot ``s`` (a token's choice) routed to
+    expert ``e``: slots ``order[starts[e]:starts[e + 1]]``. The work items are
+    ``(expert, 16-row chunk)`` pairs (``items [n, 2]``): each chunk of an expert's weight is
+    read from memory once and multiplied with every token routed to it, so each expert's
+    weights are read once per batch. Float kinds and block kinds with 8-bit activations."""
+    rows = out.shape[1]
+    cols = X.shape[1]
+    nx = X.shape[0]
+    quant = kind != kd.F32 and kind != kd.F16 and kind != kd.BF16
+    kblocks = kind == kd.Q4_K or kind == kd.Q5_K or kind == kd.Q6_K
+    qk = 256 if kblocks else 32
+    if quant:
+        XD = np.empty((nx, cols // qk), np.float32)
+        XQ = np.empty((nx, cols), np.int8)
+        BS = np.empty((nx, cols // 16 if kblocks else 1), np.int16)
+        _quantize_inputs(kind, X, XD, XQ, BS)
+        X16 = XQ.astype(np.int16)
+    else:
+        XD = np.empty((1, 1), np.float32)
+        XQ = np.empty((1, 1), np.int8)
+        BS = np.empty((1, 1), np.int16)
+        X16 = np.empty((1, 1), np.int16)
+    for it in prange(items.shape[0]):
+        e = items[it, 0]
+        r0 = items[it, 1]
+        r1 = min(rows, r0 + _CHUNK)
+        w = mats[e]
+        for q in range(starts[e], starts[e + 1]):
+            sl = order[q]
+            xi = xrow[sl]
+            if kind == kd.F32:
+                _rows_f32(w.view(np.float32), r0, r1, X[xi], out[sl])
+            elif not quant:
+                _rows_u16(kind, w.view(np.uint16), r0, r1, X[xi], out[sl])
+            else:
+                _quant_rows(kind, w, r0, r1, XD[xi], XQ[xi], X16[xi], BS[xi], out[sl])
+
+
+def _groups(sel: np.ndarray, E: int, rows_by_kind: dict):
+    flat = sel.reshape(-1)
+    order = np.argsort(flat, kind="stable").astype(np.int64)
+    starts = np.searchsorted(flat[order], np.arange(E + 1)).astype(np.int64)
+    used = np.nonzero(np.diff(starts))[0]
+    items = {}
+    for rows in set(rows_by_kind.values()):
+        nch = (rows + _CHUNK - 1) // _CHUNK
+        it = np.empty((len(used) * nch, 2), np.int64)
+        it[:, 0] = np.repeat(used, nch)
+        it[:, 1] = np.tile(np.arange(nch) * _CHUNK, len(used))
+        items[rows] = it
+    return order, starts, items
+
+
 def prefill_moe(h: np.ndarray, layer, cfg, act_code: int, act_quant: bool,
                 router_logits: np.ndarray) -> np.ndarray:
-    """The mixture for ``h [T, H]`` given the router logits ``[T, E]``: for each expert that
-    some token chose, one matrix product over the rows of those tokens (its weights read once),
-    the weighted results added back to their rows."""
+    """The mixture for ``h [T, H]`` given the router logits ``[T, E]``: the tokens' choices
+    grouped by expert, one pass over each chosen expert's weights for all its tokens
+    (``grouped_matmul``), the weighted results summed per token."""
     m = cfg.moe
-    T = h.shape[0]
-    sel = np.empty((T, m.top_k), np.int64)
-    wts = np.empty((T, m.top_k), np.float32)
-    route_rows(np.ascontiguousarray(router_logits, dtype=np.float32), m.top_k,
+    T, H = h.shape
+    k = m.top_k
+    sel = np.empty((T, k), np.int64)
+    wts = np.empty((T, k), np.float32)
+    route_rows(np.ascontiguousarray(router_logits, dtype=np.float32), k,
                ROUTER_CODES[m.router], bool(m.renorm), sel, wts)
+    ex = [layer.w[n] for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")]
+    if not act_quant and any(e.is_quantized for e in ex):
+        return _prefill_moe_blas(h, ex, sel, wts, m, act_code)
+    I = ex[0].rows
+    order, starts, items = _groups(sel, m.num_experts, {"i": I, "h": H})
+    packed = _packed_experts(layer, ex)
+    n = T * k
+    tok = np.repeat(np.arange(T, dtype=np.int64), k)
+    g = np.empty((n, I), np.float32)
+    u = np.empty((n, I), np.float32)
+    grouped_matmul(packed[0][0], packed[0][1], items[I], starts, order, tok, h, g)
+    grouped_matmul(packed[1][0], packed[1][1], items[I], starts, order, tok, h, u)
+    a = np.empty_like(g)
+    kernel = ko.gated_act if g.size > 65536 else ko.gated_act_serial
+    kernel(g, u, act_code, a)
+    d = np.empty((n, H), np.float32)
+    grouped_matmul(packed[2][0], packed[2][1], items[H], starts, order,
+                   np.arange(n, dtype=np.int64), a, d)
+    return np.einsum("tk,tkh->th", wts, d.reshape(T, k, H)).astype(np.float32)
+
+
+def _packed_experts(layer, ex):
+    """(kind code, typed List) per projection, made once per layer."""
+    cache = getattr(layer, "_moe_lists", None)
+    if cache is None:
+        cache = layer._moe_lists = [expert_list(e) for e in ex]
+    return cache
+
+
+def _prefill_moe_blas(h, ex, sel, wts, m, act_code):
+    """Block-quantized experts with float32 activations: per expert, its tokens' rows through
+    the tiled widening matmul (the weights widened once per batch)."""
+    gates, ups, downs = ex
     out = np.zeros_like(h)
-    gates, ups, downs = (layer.w[n] for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
     flat = sel.reshape(-1)
     order = np.argsort(flat, kind="stable")
     bounds = np.searchsorted(flat[order], np.arange(m.num_experts + 1))
@@ -300,12 +387,11 @@ def prefill_moe(h: np.ndarray, layer, cfg, act_code: int, act_quant: bool,
             continue
         rows = idx // m.top_k  # each token at most once per expert
         x = np.ascontiguousarray(h[rows])
-        g = km.matmul(gates[e], x, act_quant=act_quant)
-        u = km.matmul(ups[e], x, act_quant=act_quant)
+        g = km.matmul(gates[e], x)
+        u = km.matmul(ups[e], x)
         a = np.empty_like(g)
-        kernel = ko.gated_act if g.size > 65536 else ko.gated_act_serial
-        kernel(g, u, act_code, a)
-        y = km.matmul(downs[e], a, act_quant=act_quant)
+        ko.gated_act_serial(g, u, act_code, a)
+        y = km.matmul(downs[e], a)
         out[rows] += wts.reshape(-1)[idx][:, None] * y
     return out
 
