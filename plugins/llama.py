@@ -14,6 +14,10 @@ def config_from_hf(hf):
 
 
 def tensor_map(cfg):
+    if cfg is not None and cfg.moe is not None:  # a Mixtral GGUF (arch llama, ffn_*_exps)
+        from torchless_plugins.mixtral import tensor_map as mixtral_map
+
+        return mixtral_map(cfg)
     return llama_tensor_map()
 
 
@@ -37,8 +41,13 @@ def register_architectures(register):
 
 
 def config_from_gguf(g):
-    from torchless.gguf_config import gguf_config
+    from torchless.gguf_config import gguf_config, gguf_moe
 
+    # Mixtral is converted to arch "llama" with experts; llama.cpp's llama graph renormalises
+    # the top-k softmax weights (src/models/llama.cpp: build_moe_ffn(..., norm_w = true))
+    moe = gguf_moe(g, renorm=True)
+    if moe is not None:
+        return gguf_config("llama", "mixtral", g, moe=moe)
     return gguf_config("llama", "llama", g)
 
 

@@ -1,8 +1,8 @@
-"""Qwen-1 (``qwen``: remote-code QWenLMHeadModel), Qwen2 (q/k/v biases) and Qwen3 (q/k
-RMSNorm per head)."""
+"""Qwen-1 (``qwen``: remote-code QWenLMHeadModel), Qwen2 (q/k/v biases), Qwen3 (q/k
+RMSNorm per head) and Qwen3-MoE (Qwen3's attention, a mixture of experts as the MLP)."""
 from torchless import ArchitectureConfig, ArchitectureSpec, ModelArchitecture, TensorNamePattern
 from torchless import hookimpl
-from torchless.config import get
+from torchless.config import MoeConfig, get
 from torchless.errors import ConfigError
 from torchless.hf_config import layer_types_windows, llama_tensor_map, make_config
 from torchless.plugins import TensorMap
@@ -33,6 +33,26 @@ def qwen3_config(hf):
     n = hf.get("num_hidden_layers", QWEN3_DEFAULTS["num_hidden_layers"])
     return make_config("qwen", "qwen3", hf, QWEN3_DEFAULTS, qk_norm="rms",
                        layer_windows=_qwen2_windows(hf, n))
+
+
+def qwen3_moe_config(hf):
+    """transformers' ``Qwen3MoeConfig``: layer ``i`` is a mixture unless it is in
+    ``mlp_only_layers`` or ``(i + 1) % decoder_sparse_step != 0`` (then a dense MLP of width
+    ``intermediate_size``); softmax router, top ``num_experts_per_tok``, renormalised when
+    ``norm_topk_prob``. No shared expert (Qwen2-MoE's is absent from Qwen3-MoE)."""
+    n = hf.get("num_hidden_layers", QWEN3_DEFAULTS["num_hidden_layers"])
+    E = hf.get("num_experts", hf.get("num_local_experts", 128))
+    E = get({"num_experts": E}, "num_experts", kind=int)
+    step = get(hf, "decoder_sparse_step", 1, kind=int) or 1
+    only = set(hf.get("mlp_only_layers") or [])
+    layers = [i not in only and E > 0 and (i + 1) % step == 0 for i in range(n)]
+    moe = MoeConfig(num_experts=E, top_k=get(hf, "num_experts_per_tok", 8, kind=int),
+                    intermediate_size=get(hf, "moe_intermediate_size", 768, kind=int),
+                    router="softmax_topk", renorm=bool(hf.get("norm_topk_prob", False)),
+                    layers=layers)
+    # no head_dim field in Qwen3MoeConfig: attention takes hidden // heads unless one is given
+    return make_config("qwen", "qwen3_moe", hf, dict(QWEN2_DEFAULTS, intermediate_size=6144),
+                       qk_norm="rms", layer_windows=_qwen2_windows(hf, n), moe=moe)
 
 
 def qwen1_config(hf):
@@ -121,11 +141,33 @@ QWEN3 = ArchitectureSpec(
 )
 
 
+QWEN3_MOE = ArchitectureSpec(
+    name="qwen3_moe",
+    family="qwen",
+    model_types=("qwen3_moe",),
+    hf_architectures=("Qwen3MoeForCausalLM",),
+    gguf_architectures=("qwen3moe",),
+    aliases=("qwen3moe", "qwen-3-moe"),
+    tensor_pattern=TensorNamePattern(required=(r"self_attn\.q_norm\.weight$",
+                                               r"\.mlp\.gate\.weight$",
+                                               r"\.mlp\.experts\.0\.gate_proj\.weight$")),
+    describe=ArchitectureConfig(ModelArchitecture.QWEN, qk_norm=True, variant="qwen3_moe"),
+    config_from_hf=qwen3_moe_config,
+    tensor_map=lambda cfg: llama_tensor_map(extra_layers={
+        "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+        "ffn_gate_inp": "mlp.gate",
+        "ffn_gate_exps": "mlp.experts.{j}.gate_proj",
+        "ffn_up_exps": "mlp.experts.{j}.up_proj",
+        "ffn_down_exps": "mlp.experts.{j}.down_proj"}),
+)
+
+
 @hookimpl
 def register_architectures(register):
     register(QWEN1)
     register(QWEN2)
     register(QWEN3)
+    register(QWEN3_MOE)
 
 
 def _gguf(variant, **kw):
@@ -139,3 +181,16 @@ def _gguf(variant, **kw):
 
 QWEN2.config_from_gguf = _gguf("qwen2")
 QWEN3.config_from_gguf = _gguf("qwen3", qk_norm="rms")
+
+
+def _qwen3_moe_gguf(g):
+    from torchless.gguf_config import gguf_config, gguf_moe
+
+    # llama.cpp src/models/qwen3moe.cpp: every layer a mixture, always renormalised
+    moe = gguf_moe(g, renorm=True)
+    if moe is None:
+        raise ConfigError(f"{g.path}: a qwen3moe GGUF without qwen3moe.expert_count")
+    return gguf_config("qwen", "qwen3_moe", g, qk_norm="rms", moe=moe)
+
+
+QWEN3_MOE.config_from_gguf = _qwen3_moe_gguf

@@ -45,6 +45,12 @@ tied, sqrt(H)-scaled embeddings a larger one makes greedy decoding just repeat i
 Llama-style RMSNorm and LayerNorm weights 1 + 0.3 N(0,1), Gemma-style (1 + w) norm weights
 0.3 N(0,1), every bias 0.1 N(0,1). Reruns are bit-for-bit reproducible.
 
+Mixture-of-experts fixtures (``mixtral``, ``qwen3_moe``, ``qwen3_moe_mixed``, ``olmoe``): router
+weights ~ N(0, ``router_std`` = 1.0) so that the chosen experts differ from token to token, and
+``reference.npz`` also holds ``router_experts`` int64 [L_moe, T, k]: the experts transformers'
+routers pick for each token of ``ids`` (each row sorted), from ``output_router_logits``;
+``make_fixture`` asserts at least 4 distinct expert sets and 3 experts used per layer.
+
 Special cases:
 
 * ``llama_bf16``: ``model.safetensors`` holds bfloat16 weights. The reference arrays come from a
@@ -253,6 +259,7 @@ class Fixture:
     max_shard_size: str | None = None
     prefix_short: bool = False  # store logits_prefix_short (Phi-3 LongRoPE)
     post_config: dict[str, Any] = field(default_factory=dict)  # keys patched into config.json
+    router_std: float | None = None  # std of mixture-of-experts router weights (None: std)
     note: str = ""
 
 
@@ -545,6 +552,53 @@ FIXTURES: list[Fixture] = [
     ),
 ]
 
+# Mixtures of experts: 8 experts, top-2 (Qwen3-MoE: top-3), routers with std 1.0 so that the
+# chosen experts change from token to token (make_fixture asserts it and stores the choices).
+MOE_BASE = {"num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": False}
+FIXTURES += [
+    Fixture(
+        "mixtral",
+        "mixtral",
+        "llama",
+        dict(MOE_BASE, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+             rms_norm_eps=1e-5, rope_theta=1_000_000.0, sliding_window=None),
+        seed=131,
+        router_std=1.0,
+        note="softmax over 8 experts, top-2, renormalised",
+    ),
+    Fixture(
+        "qwen3_moe",
+        "qwen3_moe",
+        "qwen",
+        dict(MOE_BASE, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+             norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1_000_000.0),
+        seed=132,
+        router_std=1.0,
+        note="top-3 of 8, norm_topk_prob (as the released models and llama.cpp's qwen3moe)",
+    ),
+    Fixture(
+        "qwen3_moe_mixed",
+        "qwen3_moe",
+        "qwen",
+        dict(MOE_BASE, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
+             intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[0], rms_norm_eps=1e-6),
+        seed=136,
+        router_std=1.0,
+        note="layer 0 dense (mlp_only_layers), top-2 of 6 not renormalised; HF only",
+    ),
+    Fixture(
+        "olmoe",
+        "olmoe",
+        "phi2",
+        # llama.cpp's olmoe wants k_norm of width hidden (no GQA) and writes eps 1e-5
+        dict(MOE_BASE, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+             intermediate_size=32, norm_topk_prob=False, rms_norm_eps=1e-5),
+        seed=134,
+        router_std=1.0,
+        note="q/k RMSNorm over the whole projection; top-2 of 8 not renormalised",
+    ),
+]
+
 FIXTURES_BY_NAME = {f.name: f for f in FIXTURES}
 
 
@@ -622,6 +676,24 @@ def build_qwen3(fx):
     return Qwen3Config(**_cfg(fx))
 
 
+def build_mixtral(fx):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**_cfg(fx))
+
+
+def build_qwen3_moe(fx):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**_cfg(fx))
+
+
+def build_olmoe(fx):
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(**_cfg(fx))
+
+
 def build_qwen1(fx):
     # The reference model: a Qwen2 with q/k/v biases, which is what Qwen-1 computes below seq_length.
     from transformers import Qwen2Config
@@ -640,6 +712,9 @@ FAMILY_BUILDERS: dict[str, Callable] = {
     "qwen2": build_qwen2,
     "qwen3": build_qwen3,
     "qwen1": build_qwen1,
+    "mixtral": build_mixtral,
+    "qwen3_moe": build_qwen3_moe,
+    "olmoe": build_olmoe,
 }
 
 
@@ -668,6 +743,8 @@ def randomize(model, fx: Fixture) -> None:
             n = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if name.endswith(".bias"):
                 val = 0.1 * n
+            elif p.ndim >= 2 and fx.router_std is not None and _is_router(name):
+                val = fx.router_std * n
             elif p.ndim >= 2:
                 is_emb = name.endswith("embed_tokens.weight")
                 val = (fx.emb_std if (is_emb and fx.emb_std is not None) else fx.std) * n
@@ -677,6 +754,31 @@ def randomize(model, fx: Fixture) -> None:
                 else:
                     val = 1.0 + 0.3 * n
             p.copy_(val.to(p.dtype))
+
+
+def _is_router(name: str) -> bool:
+    return name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight"))
+
+
+def router_choices(model, ids: np.ndarray):
+    """The experts transformers' routers choose, per mixture layer: ``[L_moe, T, k]`` (each
+    token's set sorted), from ``output_router_logits``, or None for a dense model."""
+    import torch
+
+    k = getattr(model.config, "num_experts_per_tok", None)
+    if not k:
+        return None
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        out = m(input_ids=torch.from_numpy(ids)[None], use_cache=False, output_router_logits=True)
+    rl = getattr(out, "router_logits", None)
+    if not rl:
+        return None
+    sets = []
+    for logits in rl:
+        top = torch.topk(torch.softmax(logits.float(), -1), k, dim=-1).indices.numpy()
+        sets.append(np.sort(top, axis=-1).astype(np.int64))
+    return np.stack(sets)
 
 
 def _logits(out):
@@ -980,6 +1082,15 @@ def make_fixture(fx: Fixture, out_root: Path) -> dict[str, np.ndarray]:
     prompt = ids[:PROMPT_LEN].copy()
     ref["greedy_prompt"] = prompt
     ref["greedy"] = greedy_generate(model, prompt)
+    choices = router_choices(model, ids)
+    if choices is not None:
+        ref["router_experts"] = choices
+        for layer, c in enumerate(choices):
+            distinct = len({tuple(r) for r in c.tolist()})
+            used = len(set(c.reshape(-1).tolist()))
+            assert distinct >= 4 and used >= 3, (
+                f"{fx.name}: mixture layer {layer} routes too uniformly ({distinct} distinct "
+                f"expert sets, {used} experts used)")
     if fx.prefix_short:
         O = model.config.original_max_position_embeddings
         assert len(ids) >= O, (len(ids), O)

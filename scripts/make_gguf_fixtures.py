@@ -17,8 +17,11 @@ builds llama.cpp -- point it at a checkout or an unpacked ``llama-cpp-python`` s
 Outputs (``--outtype f32`` unless noted)::
 
     llama2_mha llama3_gqa mistral_window qwen2_tied qwen3 gemma gemma2 gemma3_text phi3
+    mixtral qwen3_moe olmoe  (mixtures of experts: the converter stacks the per-expert
+                              tensors into 3-D ffn_{gate,up,down}_exps)
     llama3_gqa-f16.gguf  (--outtype f16)
     qwen2_tied-q8_0.gguf (--outtype q8_0)
+    qwen3_moe-q8_0.gguf  (--outtype q8_0: 3-D block-quantized expert tensors)
 
 Each conversion runs in its own Python process (``--worker``) with the converter's bundled
 ``gguf-py`` first on ``sys.path`` (the converter may need a newer ``gguf`` than the PyPI one), and
@@ -91,9 +94,10 @@ OUT = ROOT / "tests" / "fixtures_gguf"
 # (fixture, outtype, output file name)
 JOBS = [(n, "f32", f"{n}.gguf") for n in (
     "llama2_mha", "llama3_gqa", "mistral_window", "qwen2_tied", "qwen3", "gemma", "gemma2",
-    "gemma3_text", "phi3")] + [
+    "gemma3_text", "phi3", "mixtral", "qwen3_moe", "olmoe")] + [
     ("llama3_gqa", "f16", "llama3_gqa-f16.gguf"),
     ("qwen2_tied", "q8_0", "qwen2_tied-q8_0.gguf"),
+    ("qwen3_moe", "q8_0", "qwen3_moe-q8_0.gguf"),
 ]
 
 

@@ -59,13 +59,27 @@ def current_rss_mb() -> float:
 
 def bytes_per_token(model) -> int:
     """Weight bytes one decode step reads: every layer weight, the output matrix, one
-    embedding row."""
+    embedding row. Of a mixture of experts only the active weights: the router and ``top_k``
+    experts' worth of each expert tensor (all experts of a projection have one size)."""
+    from .weights import Experts
+
+    moe = model.config.moe
     total = 0
     for layer in model.layers:
-        total += sum(w.nbytes for w in layer.w.values())
+        for w in layer.w.values():
+            if isinstance(w, Experts):
+                total += w.nbytes * moe.top_k // moe.num_experts
+            else:
+                total += w.nbytes
     total += model.output.nbytes
     total += model.embed.nbytes // max(model.embed.rows, 1)
     return total
+
+
+def _all_weight_bytes(model) -> int:
+    total = sum(w.nbytes for layer in model.layers for w in layer.w.values())
+    return total + model.output.nbytes + (model.embed.nbytes if model.embed is not model.output
+                                          else 0)
 
 
 def _decode_time(model, state, tok: int, n: int) -> float:
@@ -142,6 +156,7 @@ def run_bench(model_path=None, prompt_tokens: int = 512, new_tokens: int = 128,
         "rss_after_load_mb": round(rss_after_load, 1),
         "bandwidth_gb_s": round(bw / 1e9, 2),
         "bytes_per_token_mb": round(per_token / 1e6, 2),
+        "weight_bytes_mb": round(_all_weight_bytes(model) / 1e6, 2),
         "ceiling_tokens_per_s": round(bw / per_token, 2),
         "ceiling_fraction": _sig(decode_tps * per_token / bw),
         "pid": os.getpid(),

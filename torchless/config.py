@@ -15,6 +15,46 @@ NORMS = ("rms", "rms1p", "layernorm")  # Llama RMSNorm, Gemma (1+w) RMSNorm, Lay
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 MLPS = ("gated", "dense")  # down(act(gate) * up)  |  fc2(act(fc1))
 RESIDUALS = ("sequential", "parallel", "sandwich")
+ROUTERS = ("softmax_topk", "topk_softmax")
+
+
+@dataclass
+class MoeConfig:
+    """A mixture-of-experts MLP: a router picks ``top_k`` of ``num_experts`` gated MLPs per
+    token and sums their outputs weighted by the routing probabilities.
+
+    ``router``: ``softmax_topk`` (softmax over all experts, keep the k largest; Mixtral,
+    Qwen3-MoE, OLMoE) or ``topk_softmax`` (k largest logits, softmax over those).
+    ``renorm``: divide the k kept probabilities by their sum (Mixtral always; Qwen3-MoE and
+    OLMoE when ``norm_topk_prob``); meaningless for ``topk_softmax`` (already sums to 1).
+    ``layers``: per layer, True where the MLP is the mixture and False where it is the dense
+    gated MLP of width ``ModelConfig.intermediate_size`` (Qwen3-MoE's ``mlp_only_layers`` /
+    ``decoder_sparse_step``). Expert MLPs have the model's ``mlp`` form and ``activation``.
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    router: str = "softmax_topk"
+    renorm: bool = True
+    layers: list = field(default_factory=list)
+
+    def check(self, num_layers: int) -> None:
+        for name in ("num_experts", "top_k", "intermediate_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"moe {name} must be a positive integer, got {v!r}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"moe top_k ({self.top_k}) exceeds num_experts "
+                              f"({self.num_experts})")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"moe router must be one of {ROUTERS}, got {self.router!r}")
+        if not self.layers:
+            self.layers = [True] * num_layers
+        if len(self.layers) != num_layers:
+            raise ConfigError(f"moe layers has {len(self.layers)} entries for {num_layers} "
+                              "layers")
+        self.layers = [bool(v) for v in self.layers]
 
 
 @dataclass
@@ -34,6 +74,7 @@ class ModelConfig:
     mlp: str = "gated"
     residual: str = "sequential"
     qk_norm: str | None = None  # per-head norm of q and k before RoPE ("rms" or "rms1p")
+    qk_norm_full: bool = False  # q/k norm over the whole projection, not per head (OLMoE)
     attn_scale: float | None = None  # default head_dim ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -47,6 +88,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
     add_bos: bool | None = None  # None: whatever the tokenizer's post-processor does
+    moe: MoeConfig | None = None  # mixture-of-experts MLP (None: every layer dense)
     raw: dict = field(default_factory=dict, repr=False)  # the source config, for inspection
 
     def __post_init__(self):
@@ -79,6 +121,15 @@ class ModelConfig:
             if not isinstance(rc, RopeConfig) or rc.rotary_dim > self.head_dim:
                 raise ConfigError(f"rope table {key!r} is invalid for head_dim {self.head_dim}")
         self.eos_token_ids = tuple(self.eos_token_ids or ())
+        if self.moe is not None:
+            if not isinstance(self.moe, MoeConfig):
+                raise ConfigError(f"moe must be a MoeConfig, got {self.moe!r}")
+            if self.mlp != "gated":
+                raise ConfigError("mixture-of-experts layers need gated expert MLPs")
+            self.moe.check(self.num_layers)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and self.moe.layers[i]
 
     @property
     def n_rep(self) -> int:
@@ -101,12 +152,19 @@ class ModelConfig:
         out = {k: getattr(self, k) for k in (
             "architecture", "variant", "vocab_size", "hidden_size", "num_layers", "num_heads",
             "num_kv_heads", "head_dim", "intermediate_size", "norm", "norm_eps", "activation",
-            "mlp", "residual", "qk_norm", "attn_scale", "attn_softcap", "final_softcap",
+            "mlp", "residual", "qk_norm", "qk_norm_full", "attn_scale", "attn_softcap",
+            "final_softcap",
             "embed_scale", "tie_embeddings", "max_position_embeddings", "bos_token_id",
             "eos_token_ids")}
         windows = sorted({w for w in self.layer_windows if w is not None})
         out["sliding_window"] = windows[0] if len(windows) == 1 else (windows or None)
         out["sliding_layers"] = sum(w is not None for w in self.layer_windows)
+        if self.moe is not None:
+            m = self.moe
+            out["moe"] = {"num_experts": m.num_experts, "top_k": m.top_k,
+                          "expert_intermediate_size": m.intermediate_size,
+                          "router": m.router, "renorm": m.renorm,
+                          "moe_layers": sum(m.layers)}
         out["rope"] = {k: {"type": r.rope_type, "theta": r.theta, "rotary_dim": r.rotary_dim,
                            "factor": r.factor} for k, r in self.ropes.items()}
         return out

@@ -19,6 +19,7 @@ from .errors import TensorShapeError, TokenError, TorchlessError
 from .kernels import batch as kb
 from .kernels import decode as kd
 from .kernels import matmul as km
+from .kernels import moe as kmoe
 from .kernels import ops as ko
 from .memory import keep_freed_memory
 from .state import InferenceState
@@ -36,7 +37,13 @@ NORM_NAMES = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "
 def expected_shapes(cfg: ModelConfig) -> dict:
     """The shape of every canonical tensor (``.weight``) for this config."""
     H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    return {
+    qn, kn = (cfg.q_dim, cfg.kv_dim) if cfg.qk_norm_full else (D, D)
+    moe = {}
+    if cfg.moe is not None:
+        E, Ie = cfg.moe.num_experts, cfg.moe.intermediate_size
+        moe = {"ffn_gate_inp": (E, H), "ffn_gate_exps": (E, Ie, H), "ffn_up_exps": (E, Ie, H),
+               "ffn_down_exps": (E, H, Ie)}
+    return moe | {
         "token_embd": (cfg.vocab_size, H),
         "output": (cfg.vocab_size, H),
         "output_norm": (H,),
@@ -46,8 +53,8 @@ def expected_shapes(cfg: ModelConfig) -> dict:
         "attn_v": (cfg.kv_dim, H),
         "attn_qkv": (cfg.q_dim + 2 * cfg.kv_dim, H),
         "attn_output": (H, cfg.q_dim),
-        "attn_q_norm": (D,),
-        "attn_k_norm": (D,),
+        "attn_q_norm": (qn,),
+        "attn_k_norm": (kn,),
         "post_attention_norm": (H,),
         "ffn_norm": (H,),
         "post_ffw_norm": (H,),
@@ -95,6 +102,9 @@ class DecoderModel:
             km.quant_q8.supports(w.kind) for layer in self.layers for w in layer.w.values())
         self.act_quant = km.act_quant_default(quantized) if act_quant is None else bool(act_quant)
         if numerics == "llama.cpp":
+            if config.moe is not None:
+                raise TorchlessError("numerics='llama.cpp' does not cover mixture-of-experts "
+                                     "layers")
             if act_quant is False:
                 raise TorchlessError("numerics='llama.cpp' quantizes activations as llama.cpp "
                                      "does; it cannot be combined with act_quant=False")
@@ -332,8 +342,12 @@ class DecoderModel:
             xv = x[0].copy()
             for i, args in enumerate(packed[0]):
                 cos, sin, _ = tables[cfg.layer_rope[i]]
-                kd.decode_layer(xv, *args, state.cache.k[i], state.cache.v[i], P, cos, sin,
-                                logn)
+                if packed[2][i] is None:
+                    kd.decode_layer(xv, *args, state.cache.k[i], state.cache.v[i], P, cos, sin,
+                                    logn)
+                else:  # a mixture of experts: only the chosen experts' rows are read
+                    kmoe.decode_layer_moe(xv, *args, state.cache.k[i], state.cache.v[i], P,
+                                          cos, sin, logn, *packed[2][i])
             logits = np.empty((1, cfg.vocab_size), np.float32)
             kd.decode_head(xv, *packed[1], logits[0])
         else:
@@ -378,11 +392,22 @@ class DecoderModel:
             kd.C_PAR_ATTN: kd.PARALLEL_ATTENTION_WORK,
         }
         fcfg = kd.f32_vector([cfg.norm_eps, cfg.attn_scale, cfg.attn_softcap or 0.0])
-        layers = []
+        layers, moe = [], []
         for i, layer in enumerate(self.layers):
             kinds = np.full(7, kd.NONE, np.int64)
             ws, bs = [kd.weight_bytes(None)[1]] * 7, [kd.f32_vector(None)] * 7
+            if "ffn_gate_inp" in layer.w:
+                if cfg.residual != "sequential" or any(
+                        n in layer.b for n in kmoe.MOE_TENSORS):
+                    self._packed = False
+                    return False
+                moe.append(kmoe.pack_layer(layer, cfg, ACT_CODES[cfg.activation],
+                                           self.act_quant))
+            else:
+                moe.append(None)
             for name, w in layer.w.items():
+                if name in kmoe.MOE_TENSORS:
+                    continue
                 slot = kd.FUSED_SLOTS.get(name)
                 if slot is None:
                     if name not in kd.SLOT_NAMES:
@@ -403,6 +428,7 @@ class DecoderModel:
             icfg[kd.C_ROT] = cfg.ropes[cfg.layer_rope[i]].rotary_dim
             icfg[kd.C_QKV_FUSED] = "attn_qkv" in layer.w
             icfg[kd.C_GU_FUSED] = "ffn_gate_up" in layer.w
+            icfg[kd.C_QK_FULL] = cfg.qk_norm_full
             layers.append((tuple(ws), kinds, tuple(bs), tuple(ns), tuple(nbs), icfg, fcfg))
         kind, wb = kd.weight_bytes(self.output)
         head = (kd.f32_vector(self.final_norm[0]),
@@ -410,7 +436,7 @@ class DecoderModel:
                 NORM_CODES[cfg.norm], np.float32(cfg.norm_eps), kind, wb,
                 kd.f32_vector(self.output_bias), np.float32(cfg.final_softcap or 0.0),
                 self.act_quant)
-        self._packed = (layers, head)
+        self._packed = (layers, head, moe)
         return self._packed
 
     def _layer(self, ops, layer: Layer, i: int, x, state, P, rope_table, logn,
@@ -431,7 +457,12 @@ class DecoderModel:
         q = np.ascontiguousarray(q).reshape(T, nH, D)
         k = np.ascontiguousarray(k).reshape(T, nKV, D)
         v = np.ascontiguousarray(v).reshape(T, nKV, D)
-        if cfg.qk_norm:
+        if cfg.qk_norm and cfg.qk_norm_full:  # over the whole projection (OLMoE)
+            q = ops.norm(q.reshape(T, nH * D), cfg.qk_norm, layer.n["attn_q_norm"],
+                         layer.b.get("attn_q_norm"), cfg.norm_eps).reshape(T, nH, D)
+            k = ops.norm(k.reshape(T, nKV * D), cfg.qk_norm, layer.n["attn_k_norm"],
+                         layer.b.get("attn_k_norm"), cfg.norm_eps).reshape(T, nKV, D)
+        elif cfg.qk_norm:
             q = ops.norm(q.reshape(T * nH, D), cfg.qk_norm, layer.n["attn_q_norm"],
                          layer.b.get("attn_q_norm"), cfg.norm_eps).reshape(T, nH, D)
             k = ops.norm(k.reshape(T * nKV, D), cfg.qk_norm, layer.n["attn_k_norm"],
@@ -476,6 +507,8 @@ class DecoderModel:
 
     def _mlp(self, ops, layer: Layer, h):
         cfg = self.config
+        if "ffn_gate_inp" in layer.w:  # a mixture of experts (kernels/moe.py)
+            return ops.moe(h, layer, cfg)
         if cfg.mlp == "dense":
             u = ops.linear(h, layer.w["ffn_up"], layer.b.get("ffn_up"))
             return ops.linear(ops.act(u, cfg.activation), layer.w["ffn_down"],
@@ -611,6 +644,12 @@ class _RefOps:
     def rope(x, cos, sin, rot):
         return ref.rope(x, cos, sin, rot)
 
+    def moe(self, h, layer, cfg):
+        m = cfg.moe
+        return ref.moe(h, layer.w["ffn_gate_inp"], layer.w["ffn_gate_exps"],
+                       layer.w["ffn_up_exps"], layer.w["ffn_down_exps"], m.top_k, m.router,
+                       m.renorm, cfg.activation, self.act_quant)
+
     @staticmethod
     def attention(q, k_cache, v_cache, P, scale, softcap, window, logn):
         S = P + q.shape[0]
@@ -674,6 +713,16 @@ class _FastOps:
         kernel = ko.gated_act_fused if out.size > 65536 else ko.gated_act_fused_serial
         kernel(gu, ACT_CODES[kind], out)
         return out
+
+    def moe(self, h, layer, cfg):
+        h = np.ascontiguousarray(h, dtype=np.float32)
+        act = ACT_CODES[cfg.activation]
+        if h.shape[0] == 1:  # decode outside the fused path: the chosen experts only
+            out = np.empty_like(h)
+            kmoe.decode_moe(h[0], *kmoe.pack_layer(layer, cfg, act, self.act_quant), out[0])
+            return out
+        logits = self.linear(h, layer.w["ffn_gate_inp"], None)
+        return kmoe.prefill_moe(h, layer, cfg, act, self.act_quant, logits)
 
     @staticmethod
     def rope(x, cos, sin, rot):

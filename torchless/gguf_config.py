@@ -147,3 +147,35 @@ def unpermute_rows(w: Weight, n_heads: int) -> Weight:
     idx = np.arange(rows).reshape(n_heads, D // 2, 2).transpose(0, 2, 1).reshape(-1)
     new = np.ascontiguousarray(data[idx])
     return Weight(w.name, w.kind, w.shape, new)
+
+
+def gguf_moe(g, *, renorm: bool):
+    """The mixture-of-experts config of a GGUF decoder (``{arch}.expert_count`` ...), or None
+    when it has no experts. ``renorm`` is the family's rule, fixed in llama.cpp's graph code
+    (``build_moe_ffn``'s ``norm_w``: true for llama/Mixtral and qwen3moe, false for olmoe);
+    the gating function is softmax (``expert_gating_func`` 1 or absent)."""
+    from .config import MoeConfig
+
+    a = g.architecture
+    n = g.get(f"{a}.expert_count", int, 0) or 0
+    if not n:
+        return None
+    used = g.get(f"{a}.expert_used_count", int, None)
+    if not used:
+        raise ConfigError(f"{g.path}: {a}.expert_count is {n} but {a}.expert_used_count is "
+                          "missing")
+    gating = g.get(f"{a}.expert_gating_func", int, 1)
+    if gating != 1:
+        raise ConfigError(f"{g.path}: {a}.expert_gating_func {gating} is not supported "
+                          "(only softmax, 1)")
+    for key in ("expert_shared_count", "expert_shared_feed_forward_length",
+                "leading_dense_block_count"):
+        v = g.get(f"{a}.{key}", int, 0)
+        if v:
+            raise ConfigError(f"{g.path}: {a}.{key} = {v}: shared experts and dense leading "
+                              "layers are not supported")
+    ff = g.get(f"{a}.expert_feed_forward_length", int, None)
+    if ff is None:
+        ff = g.get(f"{a}.feed_forward_length", int)
+    return MoeConfig(num_experts=int(n), top_k=int(used), intermediate_size=int(ff),
+                     router="softmax_topk", renorm=renorm)

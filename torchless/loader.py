@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .architecture import ModelArchitecture
 from .engine import DecoderModel, expected_shapes
-from .errors import MissingTensorError, UnknownArchitectureError
+from .errors import MissingTensorError, TensorShapeError, UnknownArchitectureError
 from .parameters import Parameters
 from .plugins import registry
 
@@ -66,8 +66,13 @@ def gather_tensors(params: Parameters, spec, cfg) -> dict:
         (c, i) for i in range(cfg.num_layers) for c in tmap.layers
     ]
     for canon, layer in wanted:
+        if layer is not None and not layer_has(cfg, canon, layer):
+            continue
         src = tmap.checkpoint_name(canon, layer)
         dst = canon if layer is None else f"blk.{layer}.{canon}"
+        if canon in EXPERT_NAMES:
+            out[f"{dst}.weight"] = _experts(params, spec, cfg, canon, src, shapes)
+            continue
         for suffix in ("weight", "bias"):
             name = f"{src}.{suffix}"
             if name in params:
@@ -89,6 +94,54 @@ def gather_tensors(params: Parameters, spec, cfg) -> dict:
             ):
                 raise MissingTensorError(f"{params.path}: missing LayerNorm bias {name!r}")
     return out
+
+
+EXPERT_NAMES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+MOE_NAMES = ("ffn_gate_inp",) + EXPERT_NAMES
+DENSE_FFN_NAMES = ("ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down")
+
+
+def layer_has(cfg, canon: str, layer: int) -> bool:
+    """Whether layer ``layer`` holds tensor ``canon``: a mixture-of-experts layer has the
+    router and expert tensors instead of the dense MLP's (``cfg.moe.layers``)."""
+    if canon in MOE_NAMES:
+        return cfg.is_moe_layer(layer)
+    if canon in DENSE_FFN_NAMES:
+        return not cfg.is_moe_layer(layer)
+    return True
+
+
+def _experts(params: Parameters, spec, cfg, canon: str, src: str, shapes: dict):
+    """The experts of one projection: a 3-D tensor (GGUF) or one tensor per expert whose
+    checkpoint name has ``{j}`` for the expert index (Hugging Face)."""
+    from .weights import Experts
+
+    want = list(shapes[canon])
+    if "{j}" in src:
+        ws = []
+        for j in range(cfg.moe.num_experts):
+            name = src.format(j=j) + ".weight"
+            if name not in params:
+                raise MissingTensorError(
+                    f"{params.path}: missing tensor {name!r} (expert {j} of "
+                    f"{cfg.moe.num_experts}, expected shape {want[1:]}) needed by "
+                    f"architecture {spec.name!r}")
+            w = params.get(name)
+            w.source = name
+            ws.append(w)
+        ex = Experts(src.replace("{j}", "*"), ws)
+    else:
+        name = src + ".weight"
+        if name not in params:
+            raise MissingTensorError(f"{params.path}: missing tensor {name!r} (expected shape "
+                                     f"{want}) needed by architecture {spec.name!r}")
+        w = params.get(name)
+        if len(w.shape) != 3:
+            raise TensorShapeError(f"tensor {name!r} ({canon}) has shape {list(w.shape)}, "
+                                   f"expected {want}")
+        ex = Experts.from_3d(w)
+    ex.source = src
+    return ex
 
 
 def build_tokenizer(params: Parameters, cfg):

@@ -2,13 +2,14 @@
 
 Every matrix a decode step reads (projections, MLP, output, and the embedding table) is
 converted to GGUF's block layout (blocks of 32 values with an f16 scale), so the same kernels
-serve quantized safetensors and GGUF files. Norm weights and biases stay float32. Matrices
+serve quantized safetensors and GGUF files (a mixture's experts are converted one by one; its
+router stays float32). Norm weights and biases stay float32. Matrices
 whose rows are not a multiple of 32 are kept as they are.
 """
 from __future__ import annotations
 
 from .errors import UnsupportedError
-from .weights import Weight
+from .weights import Experts, Weight
 
 QUANTIZERS = ("q8_0", "q4_0")
 
@@ -31,7 +32,11 @@ def quantize_tensors(tensors: dict, kind: str) -> dict:
     out = {}
     done = {}
     for name, w in tensors.items():
-        if not name.endswith(".weight") or len(w.shape) != 2:
+        if isinstance(w, Experts):
+            # every expert as its own matrix; the router stays float32, as llama.cpp keeps it
+            out[name] = Experts(w.name, [quantize_weight(e, kind) for e in w.experts])
+            continue
+        if not name.endswith(".weight") or len(w.shape) != 2 or ".ffn_gate_inp." in name:
             out[name] = w
             continue
         key = id(w)

@@ -98,3 +98,41 @@ def attention(q, k, v, start, scale, softcap, window, logn):
     p = np.exp(s)
     p /= p.sum(-1, keepdims=True)
     return np.einsum("hts,hsd->thd", p.astype(np.float32), vv).astype(np.float32)
+
+
+def route(logits: np.ndarray, top_k: int, router: str, renorm: bool):
+    """The experts each token uses and their weights, from router logits ``[T, E]``.
+
+    ``softmax_topk``: softmax over all experts, the ``top_k`` largest probabilities (ties:
+    the lower expert index first), divided by their sum when ``renorm``. ``topk_softmax``:
+    the ``top_k`` largest logits, softmax over those. Returns ``(experts [T, k] int64,
+    weights [T, k] float32)``, experts in decreasing order of weight.
+    """
+    logits = logits.astype(np.float32)
+    order = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
+    if router == "topk_softmax":
+        top = np.take_along_axis(logits, order, -1)
+        e = np.exp(top - top.max(-1, keepdims=True))
+        return order, (e / e.sum(-1, keepdims=True)).astype(np.float32)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    top = np.take_along_axis(p, order, -1)
+    if renorm:
+        top = top / top.sum(-1, keepdims=True)
+    return order, top.astype(np.float32)
+
+
+def moe(x: np.ndarray, router_w: Weight, gate, up, down, top_k: int, router: str,
+        renorm: bool, act: str, act_quant: bool = False) -> np.ndarray:
+    """A mixture of gated MLPs for ``x [T, H]``: each token through its ``top_k`` experts,
+    ``sum_j w_j * down_e(act(gate_e x) * up_e x)``. ``gate``/``up``/``down`` index like lists
+    of per-expert :class:`Weight` (``torchless.weights.Experts``)."""
+    experts, weights = route(linear(x, router_w), top_k, router, renorm)
+    out = np.zeros_like(x, dtype=np.float32)
+    for t in range(x.shape[0]):
+        xt = x[t:t + 1]
+        for e, w in zip(experts[t], weights[t]):
+            a = activation(linear(xt, gate[e], None, act_quant), act) * linear(
+                xt, up[e], None, act_quant)
+            out[t] += w * linear(a.astype(np.float32), down[e], None, act_quant)[0]
+    return out

@@ -102,3 +102,61 @@ class Weight:
         if array.dtype == np.float16:
             return cls(name, "f16", tuple(array.shape), array)
         raise TypeError(f"cannot wrap dtype {array.dtype} for {name}")
+
+
+class Experts:
+    """The ``E`` same-shape 2-D weights of one projection of a mixture of experts.
+
+    ``experts[e]`` is expert ``e``'s :class:`Weight` ``[rows, cols]``. From a 3-D tensor
+    (GGUF's ``ffn_*_exps`` ``[E, rows, cols]``) they are views into its one buffer; from a
+    Hugging Face checkpoint they are the per-expert tensors as loaded (views of the file's
+    pages when lazy). ``shape`` is ``(E, rows, cols)``.
+    """
+
+    def __init__(self, name: str, experts: list):
+        if not experts:
+            raise ValueError(f"{name}: no experts")
+        kinds = {w.kind for w in experts}
+        shapes = {tuple(w.shape) for w in experts}
+        if len(kinds) != 1 or len(shapes) != 1 or len(experts[0].shape) != 2:
+            from .errors import TensorShapeError
+
+            raise TensorShapeError(f"{name}: experts differ in storage kind or shape "
+                                   f"({sorted(kinds)}, {sorted(shapes)})")
+        self.name = name
+        self.experts = list(experts)
+        self.kind = experts[0].kind
+        self.rows, self.cols = experts[0].shape
+        self.shape = (len(experts), self.rows, self.cols)
+
+    @classmethod
+    def from_3d(cls, w: Weight) -> "Experts":
+        """Per-expert views of a 3-D weight ``[E, rows, cols]`` (no copy)."""
+        if len(w.shape) != 3:
+            from .errors import TensorShapeError
+
+            raise TensorShapeError(f"{w.name}: expert tensor must be 3-D, got {list(w.shape)}")
+        E, rows, cols = w.shape
+        flat = w.data.reshape(E * rows, -1)
+        return cls(w.name, [Weight(f"{w.name}[{e}]", w.kind, (rows, cols),
+                                   flat[e * rows:(e + 1) * rows]) for e in range(E)])
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.kind in QUANT_KINDS
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.experts)
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, e: int) -> Weight:
+        return self.experts[e]
+
+    def to_f32(self) -> np.ndarray:
+        return np.stack([w.to_f32() for w in self.experts])
+
+    def __repr__(self) -> str:
+        return f"Experts({self.name!r}, {self.kind}, shape={self.shape})"

@@ -59,6 +59,12 @@ CASES = {
     "gemma2.gguf": dict(fixture="gemma2", family="gemma", variant="gemma2"),
     "gemma3_text.gguf": dict(fixture="gemma3_text", family="gemma", variant="gemma3_text"),
     "phi3.gguf": dict(fixture="phi3", family="phi", variant="phi3"),
+    # mixtures of experts: the converter stacks the experts into 3-D ffn_*_exps tensors
+    "mixtral.gguf": dict(fixture="mixtral", family="llama", variant="mixtral"),
+    "qwen3_moe.gguf": dict(fixture="qwen3_moe", family="qwen", variant="qwen3_moe"),
+    "qwen3_moe-q8_0.gguf": dict(fixture="qwen3_moe", family="qwen", variant="qwen3_moe",
+                                tol=0.25, argmax=0.9),
+    "olmoe.gguf": dict(fixture="olmoe", family="olmoe", variant="olmoe"),
 }
 NAMES = sorted(CASES)
 
@@ -148,7 +154,8 @@ def test_forward_matches_transformers(name):
     _check(name, _per_token(model, ids, fast=False), "forward")
 
 
-@pytest.mark.parametrize("name", ["gemma3_text.gguf", "llama3_gqa.gguf"])
+@pytest.mark.parametrize("name", ["gemma3_text.gguf", "llama3_gqa.gguf", "olmoe.gguf",
+                                  "qwen3_moe-q8_0.gguf"])
 def test_lazy_load_matches(name):
     model = _model(name, lazy=True)
     assert model.params.lazy
@@ -238,6 +245,40 @@ def test_q8_0_is_torchless_q8_0_of_the_safetensors():
     a = gg.prefill(torchless.InferenceState(gg.config), ids.tolist(), all_logits=True)
     b = st.prefill(torchless.InferenceState(st.config), ids.tolist(), all_logits=True)
     assert float(np.abs(a - b).max()) <= 1e-5 * float(np.abs(ref).max())
+
+
+def test_moe_q8_0_is_torchless_q8_0_of_the_safetensors():
+    """The q8_0 mixture file holds exactly torchless's own q8_0 of the experts (the router
+    stays float32 in both), so the two models agree to float rounding, on every path."""
+    gg = _model("qwen3_moe-q8_0.gguf")
+    layer = gg.layers[0]
+    assert layer.w["ffn_gate_inp"].kind == "f32"
+    assert {layer.w[n].kind for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")} == {
+        "q8_0"}
+    assert not layer.w["ffn_up_exps"][3].data.flags.owndata  # a view into the 3-D tensor
+    st = torchless.ModelLoader.load_auto(FIXTURES / "qwen3_moe", quantize="q8_0")
+    ids, ref = _reference("qwen3_moe")
+    scale = float(np.abs(ref).max())
+    a = gg.prefill(torchless.InferenceState(gg.config), ids.tolist(), all_logits=True)
+    b = st.prefill(torchless.InferenceState(st.config), ids.tolist(), all_logits=True)
+    assert float(np.abs(a - b).max()) <= 1e-5 * scale
+    for fast in (True, False):
+        c = _per_token(st, ids, fast=fast)
+        assert float(np.abs(c - a).max()) <= 1e-5 * scale, f"fast={fast}"
+
+
+def test_moe_gguf_hyperparameters():
+    """expert_count / expert_used_count / expert_feed_forward_length, and the renormalisation
+    llama.cpp's graph code fixes per architecture."""
+    mx = _model("mixtral.gguf").config
+    assert (mx.moe.num_experts, mx.moe.top_k, mx.moe.intermediate_size) == (8, 2, 32)
+    assert mx.moe.renorm and mx.moe.router == "softmax_topk"
+    qm = _model("qwen3_moe.gguf").config
+    assert (qm.moe.num_experts, qm.moe.top_k, qm.moe.intermediate_size) == (8, 3, 32)
+    assert qm.moe.renorm and qm.qk_norm == "rms" and not qm.qk_norm_full
+    ol = _model("olmoe.gguf").config
+    assert (ol.moe.num_experts, ol.moe.top_k) == (8, 2) and not ol.moe.renorm
+    assert ol.qk_norm_full
 
 
 def test_gemma_gguf_hyperparameters():

@@ -37,8 +37,8 @@ NORM_SLOTS = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm",
 
 # integer config: icfg[...]
 (C_NORM, C_QK_NORM, C_RESIDUAL, C_MLP, C_ACT, C_NH, C_NKV, C_D, C_WINDOW, C_ROT, C_ACT_QUANT,
- C_QKV_FUSED, C_GU_FUSED, C_INTER, C_PAR_ATTN) = range(15)
-N_ICFG = 15
+ C_QKV_FUSED, C_GU_FUSED, C_INTER, C_PAR_ATTN, C_QK_FULL) = range(16)
+N_ICFG = 16
 RES_SEQUENTIAL, RES_PARALLEL, RES_SANDWICH = 0, 1, 2
 MLP_GATED, MLP_DENSE = 0, 1
 # float config: fcfg[...]
@@ -163,21 +163,15 @@ def _mlp(h, ws, kinds, bs, icfg, out):
 
 
 @njit(cache=True)
-def decode_layer(x, ws, kinds, bs, ns, nbs, icfg, fcfg, kc, vc, pos, cos, sin, logn):
-    """Run decoder layer on the residual ``x [H]`` (updated in place) for position ``pos``.
-
-    ``ws``/``bs``: weights and biases by slot (``W_*``); ``ns``/``nbs``: norm weights and
-    biases by slot (``N_*``); ``kc``/``vc`` this layer's cache ``[nKV, capacity, D]``;
-    ``cos``/``sin`` ``[1, rot/2]`` for ``pos``; ``logn [1]`` the query scale (Qwen-1).
-    """
-    H = x.shape[0]
+def attention_block(x, h, ws, kinds, bs, ns, nbs, icfg, fcfg, kc, vc, pos, cos, sin, logn, o):
+    """The attention half of a layer: ``h`` = attention norm of ``x``, ``o`` = the attention
+    output projection (the residual is the caller's)."""
     norm = icfg[C_NORM]
     eps = fcfg[F_EPS]
     nH, nKV, D = icfg[C_NH], icfg[C_NKV], icfg[C_D]
     qd, kvd = nH * D, nKV * D
     aq = icfg[C_ACT_QUANT] != 0
 
-    h = np.empty(H, np.float32)
     ko._norm_row(x, ns[N_ATTN], nbs[N_ATTN], eps, norm, h)
     q1 = np.empty(qd, np.float32)
     k1 = np.empty(kvd, np.float32)
@@ -195,7 +189,10 @@ def decode_layer(x, ws, kinds, bs, ns, nbs, icfg, fcfg, kc, vc, pos, cos, sin, l
     q = q1.reshape(1, nH, D)
     k = k1.reshape(1, nKV, D)
     qk = icfg[C_QK_NORM]
-    if qk >= 0:
+    if qk >= 0 and icfg[C_QK_FULL] != 0:  # over the whole projection (OLMoE)
+        ko._norm_row(q1, ns[N_Q], nbs[N_Q], eps, qk, q1)
+        ko._norm_row(k1, ns[N_K], nbs[N_K], eps, qk, k1)
+    elif qk >= 0:
         for hh in range(nH):
             ko._norm_row(q[0, hh], ns[N_Q], nbs[N_Q], eps, qk, q[0, hh])
         for hh in range(nKV):
@@ -215,8 +212,23 @@ def decode_layer(x, ws, kinds, bs, ns, nbs, icfg, fcfg, kc, vc, pos, cos, sin, l
         ko.attention(q, kc, vc, pos, fcfg[F_SCALE], fcfg[F_SOFTCAP], window, logn, a)
     else:
         ko.attention_serial(q, kc, vc, pos, fcfg[F_SCALE], fcfg[F_SOFTCAP], window, logn, a)
-    o = np.empty(H, np.float32)
     linear(kinds[W_O], ws[W_O], bs[W_O], a.reshape(qd), o, aq)
+
+
+@njit(cache=True)
+def decode_layer(x, ws, kinds, bs, ns, nbs, icfg, fcfg, kc, vc, pos, cos, sin, logn):
+    """Run decoder layer on the residual ``x [H]`` (updated in place) for position ``pos``.
+
+    ``ws``/``bs``: weights and biases by slot (``W_*``); ``ns``/``nbs``: norm weights and
+    biases by slot (``N_*``); ``kc``/``vc`` this layer's cache ``[nKV, capacity, D]``;
+    ``cos``/``sin`` ``[1, rot/2]`` for ``pos``; ``logn [1]`` the query scale (Qwen-1).
+    """
+    H = x.shape[0]
+    norm = icfg[C_NORM]
+    eps = fcfg[F_EPS]
+    h = np.empty(H, np.float32)
+    o = np.empty(H, np.float32)
+    attention_block(x, h, ws, kinds, bs, ns, nbs, icfg, fcfg, kc, vc, pos, cos, sin, logn, o)
 
     m = np.empty(H, np.float32)
     res = icfg[C_RESIDUAL]
