@@ -28,7 +28,7 @@ from torchless.weights import Weight, f32_to_bf16
 HERE = Path(__file__).parent
 FIX = HERE / "fixtures"
 GGUF = HERE / "fixtures_gguf"
-KINDS = ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k"]
+KINDS = ["f32", "f16", "bf16"] + sorted(kq.BLOCK_INFO)  # every weight kind torchless computes
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                       HealthCheck.function_scoped_fixture])
 
@@ -48,7 +48,7 @@ def _weight(kind, rows, cols, rng):
 # ---- kernels ---------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(kind=st.sampled_from(KINDS), act_quant=st.booleans(), B=st.integers(1, 11),
        rows=st.integers(1, 19), extra_cols=st.sampled_from([0, 7]), seed=st.integers(0, 99))
 def test_linear_rows_is_matvec_per_row(kind, act_quant, B, rows, extra_cols, seed):

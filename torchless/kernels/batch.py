@@ -276,6 +276,12 @@ def _make_rows2xnb(signed, bpb, name):
 _rows2xnb_q8_0 = _make_rows2xnb(q8._signed_q8_0, 34, "_rows2xnb_q8_0")
 _rows2xnb_q4_0 = _make_rows2xnb(q8._signed_q4_0, 18, "_rows2xnb_q4_0")
 _rows2xnb_q5_0 = _make_rows2xnb(q8._signed_q5_0, 22, "_rows2xnb_q5_0")
+# the decode kernels' two-row products (quant_q8 binds its own copies inside each generated
+# matvec), for the rows past the last full tile
+_rows2_q8_0 = q8._make_rows2(q8._signed_q8_0, 34, "_rows2_q8_0")
+_rows2_q4_0 = q8._make_rows2(q8._signed_q4_0, 18, "_rows2_q4_0")
+_rows2_q5_0 = q8._make_rows2(q8._signed_q5_0, 22, "_rows2_q5_0")
+_NO_XS = q8._NO_XS
 
 
 @njit(inline="always", cache=True)
@@ -301,11 +307,11 @@ def _rows2_q8act(data, xd, xq, out, kind):
                     out[b0 + j, r1] = tile[2 * j + 1]
             for b in range(B - B % NB, B):
                 if kind == 0:
-                    q8._rows2_q8_0(data[r], data[r1], xq[b], xd[b], res)
+                    _rows2_q8_0(data[r], data[r1], xq[b], xd[b], _NO_XS, res)
                 elif kind == 1:
-                    q8._rows2_q4_0(data[r], data[r1], xq[b], xd[b], res)
+                    _rows2_q4_0(data[r], data[r1], xq[b], xd[b], _NO_XS, res)
                 else:
-                    q8._rows2_q5_0(data[r], data[r1], xq[b], xd[b], res)
+                    _rows2_q5_0(data[r], data[r1], xq[b], xd[b], _NO_XS, res)
                 out[b, r] = res[0]
                 out[b, r1] = res[1]
 
@@ -342,7 +348,7 @@ def _rows_k_q8act(data, xd, x16, bsums, out, kind):
                 elif kind == 1:
                     out[b, r] = q8._row_k4(u, xd[b], x16[b], bsums[b], aux, sums, 176, True)
                 else:
-                    out[b, r] = q8._row_q6_k(u, xd[b], x16[b], aux, sums)
+                    out[b, r] = q8._row_q6_k(u, xd[b], x16[b], bsums[b], aux, sums)
 
 
 @njit(parallel=True, cache=True)
@@ -410,9 +416,14 @@ def linear_rows(w: Weight, X: np.ndarray, act_quant: bool = False,
     kernel = _FLOAT.get(w.kind)
     if kernel is not None:
         kernel(data, X, out)
-    elif act_quant and q8.supports(w.kind):
+    elif act_quant and w.kind in _Q8ACT:
         act = cache.get(w.kind, X) if cache is not None else quantize_rows(w.kind, X)
         _Q8ACT[w.kind](kq._readonly(data, np.uint8), *act, out)
+    elif act_quant and q8.supports(w.kind):
+        # no shared-read tile for this kind yet (q4_1, q5_1, iq4_nl, q2_k, q3_k, iq4_xs,
+        # tq*): the decode product row by row; same bits, each weight read B times
+        for b in range(B):
+            km.matvec(w, X[b], out[b], act_quant=True)
     else:
         kq.MATMUL[w.kind](kq._readonly(data, np.uint8), X, out)
     return out
