@@ -230,6 +230,19 @@ def test_row_independent_of_batch(name, kw, tmp_root, data):
                                       alone.cache.k[i][:, :alone.pos])
 
 
+@pytest.mark.parametrize("name,kw", [("llama3_gqa", {}), ("gemma2", {}), ("qwen1", {}),
+                                     ("gguf:qwen2_tied-q8_0.gguf", {}),
+                                     ("llama3_gqa", {"quantize": "q4_0", "act_quant": True})],
+                         ids=lambda v: str(v))
+def test_batch_of_one_is_the_fused_decode_bit_for_bit(name, kw, tmp_root):
+    """Same per-row kernels, same order: decode_batch of one = fast_forward, bit for bit."""
+    model = _model(name, kw, tmp_root)
+    a, b = _states(model, [9, 9], [0, 0])
+    for t in (4, 5, 6):
+        np.testing.assert_array_equal(model.decode_batch([a], [t])[0], model.fast_forward(b, t))
+    assert model._packed, "the fused path was not taken"
+
+
 def test_batch_matches_reference_forward():
     """decode_batch against the plain-NumPy reference (``forward``)."""
     model = torchless.ModelLoader.load_auto(FIX / "gemma3_text")

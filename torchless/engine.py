@@ -212,11 +212,10 @@ class DecoderModel:
             x = self._layer(ops, layer, i, x, slots, P, tables[cfg.layer_rope[i]], logn)
         h = ops.norm(x, cfg.norm, self.final_norm[0], self.final_norm[1], cfg.norm_eps)
         logits = ops.linear(h, self.output, self.output_bias)
+        if cfg.final_softcap:
+            kb.softcap_rows(logits, np.float32(cfg.final_softcap))
         for b, s in enumerate(states):
             row = logits[b]
-            if cfg.final_softcap:
-                c = np.float32(cfg.final_softcap)
-                row[:] = c * np.tanh(row / c)
             s.pos += 1
             s.tokens.append(int(tokens[b]))
             s.logits = row.copy()

@@ -484,3 +484,14 @@ def attention_slots(q, k, v, kaddr, vaddr, caps, pos, scale, softcap, window, lo
             vc = carray(_f32_ptr(vaddr[b]), (nKV, caps[b], D))
             ko._attend(q[b:b + 1], kc, vc, pos[b], scale, softcap, window, logn[b:b + 1],
                        out[b:b + 1], 0, h)
+
+
+@njit(cache=True)
+def softcap_rows(logits, cap):
+    """``cap * tanh(x / cap)`` in place over ``logits [B, V]``, element by element as
+    :func:`kernels.decode.decode_head` does (so a batch of one matches the fused decode)."""
+    c = np.float32(cap)
+    for b in range(logits.shape[0]):
+        row = logits[b]
+        for i in range(row.shape[0]):
+            row[i] = c * np.tanh(row[i] / c)
