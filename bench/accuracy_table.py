@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated row labels to run")
     ap.add_argument("--float-act", action="store_true",
                     help="also torchless with float32 activations (act_quant=False)")
+    ap.add_argument("--float-act-only", action="store_true",
+                    help="with an earlier --out: only add the float-activation results")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
 
@@ -230,9 +232,17 @@ def main(argv=None) -> int:
     if old and base.exists() and (old["ctx"], old["chunks"]) == (a.ctx, a.chunks):
         # add or redo rows of an earlier run against its base (same text, ctx and chunks)
         results = [r for r in old["rows"] if r["label"] not in {x[0] for x in rows}]
+        prev = {r["label"]: r for r in old["rows"]}
         doc = dict(old)
         for row in rows:
-            results.append(run_row(a, text, base, *row))
+            if a.float_act_only and row[0] in prev:  # keep the row, add float activations
+                r = prev[row[0]]
+                r["results"]["torchless (float activations)"] = flat_torchless(torchless_row(
+                    row[1], row[2], "torchless", text, a.ctx, a.chunks, base,
+                    act_quant=False))
+                results.append(r)
+            else:
+                results.append(run_row(a, text, base, *row))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         order = {r[0]: i for i, r in enumerate(all_rows)}
         doc["rows"] = sorted(results, key=lambda r: order.get(r["label"], 1e9))
