@@ -24,6 +24,7 @@ from . import decode as kd
 from . import matmul as km
 from . import ops as ko
 from . import quant_q8 as q8
+from .batch import _NO_XS, _rows2_q4_0, _rows2_q5_0, _rows2_q8_0
 
 ROUTER_SOFTMAX_TOPK, ROUTER_TOPK_SOFTMAX = 0, 1
 ROUTER_CODES = {"softmax_topk": ROUTER_SOFTMAX_TOPK, "topk_softmax": ROUTER_TOPK_SOFTMAX}
@@ -135,11 +136,11 @@ def _quant_rows(kind, w, r0, r1, xd, xq, x16, bsums, out):
             ra = r
             rb = min(r + 1, r1 - 1)
             if kind == kd.Q8_0:
-                q8._rows2_q8_0(w[ra], w[rb], xq, xd, res)
+                _rows2_q8_0(w[ra], w[rb], xq, xd, _NO_XS, res)
             elif kind == kd.Q4_0:
-                q8._rows2_q4_0(w[ra], w[rb], xq, xd, res)
+                _rows2_q4_0(w[ra], w[rb], xq, xd, _NO_XS, res)
             else:
-                q8._rows2_q5_0(w[ra], w[rb], xq, xd, res)
+                _rows2_q5_0(w[ra], w[rb], xq, xd, _NO_XS, res)
             out[ra] = res[0]
             out[rb] = res[1]
     else:
@@ -151,7 +152,7 @@ def _quant_rows(kind, w, r0, r1, xd, xq, x16, bsums, out):
             elif kind == kd.Q5_K:
                 out[r] = q8._row_k4(w[r], xd, x16, bsums, aux, sums, 176, True)
             else:
-                out[r] = q8._row_q6_k(w[r], xd, x16, aux, sums)
+                out[r] = q8._row_q6_k(w[r], xd, x16, bsums, aux, sums)
 
 
 @njit(cache=True)
