@@ -158,7 +158,9 @@ class DecoderModel:
 
         Each weight is read once for all B rows, and every row is computed independently of
         the others in a fixed order: a sequence gets the same logits, bit for bit, whatever
-        else is in the batch and however large it is (``kernels/batch.py``).
+        else is in the batch and however large it is (``kernels/batch.py``). A batch of
+        one runs the fused decode of :meth:`fast_forward` (one compiled call per layer),
+        whose bits the batched kernels reproduce (tests/test_batch_decode.py).
         """
         states, tokens = list(states), list(tokens)
         if len(states) != len(tokens):
@@ -175,8 +177,9 @@ class DecoderModel:
             s.check_room(1)
         out = np.empty((len(states), V), np.float32)
         rows = []
+        alone = len(states) == 1  # the fused decode: the same bits, one call per layer
         for b, (s, t) in enumerate(zip(states, tokens)):
-            if self.numerics == "llama.cpp" or self._needs_recompute(s.pos, 1):
+            if alone or self.numerics == "llama.cpp" or self._needs_recompute(s.pos, 1):
                 # llama.cpp's float order is defined per sequence; a LongRoPE switch redoes
                 # the whole sequence: both go alone (still the same bits as in a batch of 1)
                 out[b] = self._step(s, [t], fast=True, all_logits=False)

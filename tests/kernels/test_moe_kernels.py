@@ -11,11 +11,13 @@ from torchless import reference as ref
 from torchless.config import MoeConfig
 from torchless.kernels import moe as kmoe
 from torchless.kernels import ops as ko
-from torchless.weights import Experts, Weight, f32_to_bf16
+from torchless.kernels import quant as Q
+from torchless.weights import QUANT_KINDS, Experts, Weight, f32_to_bf16
 from quant_blocks import random_blocks
 
-KINDS = ["f32", "bf16", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k"]
-QK = {"q8_0": 32, "q4_0": 32, "q5_0": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+# every block kind: QK_BLOCK is each kind's block length (torchless.kernels.quant)
+QK = {k: Q.BLOCK_INFO[k][0] for k in QUANT_KINDS}
+KINDS = ["f32", "bf16", "f16", *sorted(QK)]
 
 
 def _weight(kind, rows, cols, rng, name):

@@ -278,9 +278,7 @@ _rows2xnb_q4_0 = _make_rows2xnb(q8._signed_q4_0, 18, "_rows2xnb_q4_0")
 _rows2xnb_q5_0 = _make_rows2xnb(q8._signed_q5_0, 22, "_rows2xnb_q5_0")
 # the decode kernels' two-row products (quant_q8 binds its own copies inside each generated
 # matvec), for the rows past the last full tile
-_rows2_q8_0 = q8._make_rows2(q8._signed_q8_0, 34, "_rows2_q8_0")
-_rows2_q4_0 = q8._make_rows2(q8._signed_q4_0, 18, "_rows2_q4_0")
-_rows2_q5_0 = q8._make_rows2(q8._signed_q5_0, 22, "_rows2_q5_0")
+_rows2_q8_0, _rows2_q4_0, _rows2_q5_0 = q8._rows2_q8_0, q8._rows2_q4_0, q8._rows2_q5_0
 _NO_XS = q8._NO_XS
 
 

@@ -24,7 +24,6 @@ from . import decode as kd
 from . import matmul as km
 from . import ops as ko
 from . import quant_q8 as q8
-from .batch import _NO_XS, _rows2_q4_0, _rows2_q5_0, _rows2_q8_0
 
 ROUTER_SOFTMAX_TOPK, ROUTER_TOPK_SOFTMAX = 0, 1
 ROUTER_CODES = {"softmax_topk": ROUTER_SOFTMAX_TOPK, "topk_softmax": ROUTER_TOPK_SOFTMAX}
@@ -126,43 +125,94 @@ def _rows_u16(kind, w, r0, r1, x, out):
         r += 1
 
 
+ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2  # the 8-bit activation format a block kind pairs with
+
+
 @njit(inline="always", cache=True)
-def _quant_rows(kind, w, r0, r1, xd, xq, x16, bsums, out):
-    """``out[r]`` for rows ``r0:r1`` of a block-quantized weight against 8-bit activations
-    (``xd``/``xq``: q8_0 for the 32-element kinds, q8_K with ``bsums`` for the k-quants)."""
-    if kind == kd.Q8_0 or kind == kd.Q4_0 or kind == kd.Q5_0:
+def _act_format(kind):
+    if kind == kd.Q4_1 or kind == kd.Q5_1:
+        return ACT_Q8_1
+    if kind == kd.Q8_0 or kind == kd.Q4_0 or kind == kd.Q5_0 or kind == kd.IQ4_NL:
+        return ACT_Q8_0
+    return ACT_Q8_K
+
+
+@njit(inline="always", cache=True)
+def _quant_rows(kind, w, r0, r1, xd, xq, xs, x16, xf, bsums, out):
+    """``out[r]`` for rows ``r0:r1`` of a block-quantized weight against 8-bit activations:
+    the decode product's row functions (:mod:`quant_q8`), so a row has the decode's bits.
+    ``(xd, xq[, xs])`` are q8_0/q8_1 activations for the 32-element kinds; for the k-quants
+    q8_K ``(xd, bsums)`` with the quants as int16 ``x16`` and float32 ``xf``."""
+    if _act_format(kind) != ACT_Q8_K:
         res = np.empty(2, np.float32)
         for r in range(r0, r1, 2):
             ra = r
             rb = min(r + 1, r1 - 1)
             if kind == kd.Q8_0:
-                _rows2_q8_0(w[ra], w[rb], xq, xd, _NO_XS, res)
+                q8._rows2_q8_0(w[ra], w[rb], xq, xd, xs, res)
             elif kind == kd.Q4_0:
-                _rows2_q4_0(w[ra], w[rb], xq, xd, _NO_XS, res)
+                q8._rows2_q4_0(w[ra], w[rb], xq, xd, xs, res)
+            elif kind == kd.Q5_0:
+                q8._rows2_q5_0(w[ra], w[rb], xq, xd, xs, res)
+            elif kind == kd.IQ4_NL:
+                q8._rows2_iq4_nl(w[ra], w[rb], xq, xd, xs, res)
+            elif kind == kd.Q4_1:
+                q8._rows2_q4_1(w[ra], w[rb], xq, xd, xs, res)
             else:
-                _rows2_q5_0(w[ra], w[rb], xq, xd, _NO_XS, res)
+                q8._rows2_q5_1(w[ra], w[rb], xq, xd, xs, res)
             out[ra] = res[0]
             out[rb] = res[1]
     else:
         aux = np.empty(8, np.int32)
         sums = np.empty(8, np.float32)
+        lanes = np.empty(32, np.float32)
         for r in range(r0, r1):
             if kind == kd.Q4_K:
                 out[r] = q8._row_k4(w[r], xd, x16, bsums, aux, sums, 144, False)
             elif kind == kd.Q5_K:
                 out[r] = q8._row_k4(w[r], xd, x16, bsums, aux, sums, 176, True)
-            else:
+            elif kind == kd.Q6_K:
                 out[r] = q8._row_q6_k(w[r], xd, x16, bsums, aux, sums)
+            elif kind == kd.Q2_K:
+                out[r] = q8._rowf_q2_k(w[r], xd, xf, bsums, lanes)
+            elif kind == kd.Q3_K:
+                out[r] = q8._rowf_q3_k(w[r], xd, xf, bsums, lanes)
+            elif kind == kd.IQ4_XS:
+                out[r] = q8._rowf_iq4_xs(w[r], xd, xf, bsums, lanes)
+            elif kind == kd.TQ1_0:
+                out[r] = q8._rowf_tq1_0(w[r], xd, xf, bsums, lanes)
+            else:
+                out[r] = q8._rowf_tq2_0(w[r], xd, xf, bsums, lanes)
 
 
 @njit(cache=True)
-def _quantize_inputs(kind, X, XD, XQ, BS):
-    """8-bit activations of each row of ``X [n, cols]`` for weight ``kind``."""
-    for j in range(X.shape[0]):
-        if kind == kd.Q8_0 or kind == kd.Q4_0 or kind == kd.Q5_0:
+def _quantize_inputs(kind, X):
+    """8-bit activations of each row of ``X [n, cols]`` for weight ``kind``:
+    ``(XD, XQ, XS, X16, XF, BS)`` as :func:`_quant_rows` takes them (unused ones empty)."""
+    nx, cols = X.shape
+    fmt = _act_format(kind)
+    qk = 256 if fmt == ACT_Q8_K else 32
+    XD = np.empty((nx, cols // qk), np.float32)
+    XQ = np.empty((nx, cols), np.int8)
+    XS = np.empty((nx, cols // 32 if fmt == ACT_Q8_1 else 0), np.float32)
+    BS = np.empty((nx, cols // 16 if fmt == ACT_Q8_K else 1), np.int16)
+    for j in range(nx):
+        if fmt == ACT_Q8_0:
             q8._q8_0_act_x86_into(X[j], XD[j], XQ[j])
+        elif fmt == ACT_Q8_1:
+            q8._q8_1_act_x86_into(X[j], XD[j], XQ[j], XS[j])
         else:
             q8._q8_k_act_into(X[j], XD[j], XQ[j], BS[j])
+    if fmt == ACT_Q8_K:
+        return XD, XQ, XS, XQ.astype(np.int16), XQ.astype(np.float32), BS
+    return XD, XQ, XS, np.empty((nx, 0), np.int16), np.empty((nx, 0), np.float32), BS
+
+
+@njit(cache=True)
+def _no_inputs(nx):
+    return (np.empty((nx, 0), np.float32), np.empty((nx, 0), np.int8),
+            np.empty((nx, 0), np.float32), np.empty((nx, 0), np.int16),
+            np.empty((nx, 0), np.float32), np.empty((nx, 0), np.int16))
 
 
 @njit(parallel=True, cache=True)
@@ -175,19 +225,10 @@ def experts_matvec(kind, mats, sel, X, out, aq, nb):
     nch = (rows + _CHUNK - 1) // _CHUNK
     quant = kind != kd.F32 and kind != kd.F16 and kind != kd.BF16
     nx = X.shape[0]
-    kblocks = kind == kd.Q4_K or kind == kd.Q5_K or kind == kd.Q6_K
-    qk = 256 if kblocks else 32
     if quant and aq:
-        XD = np.empty((nx, cols // qk), np.float32)
-        XQ = np.empty((nx, cols), np.int8)
-        BS = np.empty((nx, cols // 16 if kblocks else 1), np.int16)
-        _quantize_inputs(kind, X, XD, XQ, BS)
-        X16 = XQ.astype(np.int16)
+        XD, XQ, XS, X16, XF, BS = _quantize_inputs(kind, X)
     else:
-        XD = np.empty((1, 1), np.float32)
-        XQ = np.empty((1, 1), np.int8)
-        BS = np.empty((1, 1), np.int16)
-        X16 = np.empty((1, 1), np.int16)
+        XD, XQ, XS, X16, XF, BS = _no_inputs(nx)
     for item in prange(k * nch):
         j = item // nch
         r0 = (item % nch) * _CHUNK
@@ -199,7 +240,8 @@ def experts_matvec(kind, mats, sel, X, out, aq, nb):
         elif not quant:
             _rows_u16(kind, w.view(np.uint16), r0, r1, X[xi], out[j])
         elif aq:
-            _quant_rows(kind, w, r0, r1, XD[xi], XQ[xi], X16[xi], BS[xi], out[j])
+            _quant_rows(kind, w, r0, r1, XD[xi], XQ[xi], XS[xi], X16[xi], XF[xi], BS[xi],
+                        out[j])
         else:
             kd.linear(kind, w[r0:r1], nb, X[xi], out[j, r0:r1], False)
 
@@ -289,19 +331,10 @@ def grouped_matmul(kind, mats, items, starts, order, xrow, X, out):
     cols = X.shape[1]
     nx = X.shape[0]
     quant = kind != kd.F32 and kind != kd.F16 and kind != kd.BF16
-    kblocks = kind == kd.Q4_K or kind == kd.Q5_K or kind == kd.Q6_K
-    qk = 256 if kblocks else 32
     if quant:
-        XD = np.empty((nx, cols // qk), np.float32)
-        XQ = np.empty((nx, cols), np.int8)
-        BS = np.empty((nx, cols // 16 if kblocks else 1), np.int16)
-        _quantize_inputs(kind, X, XD, XQ, BS)
-        X16 = XQ.astype(np.int16)
+        XD, XQ, XS, X16, XF, BS = _quantize_inputs(kind, X)
     else:
-        XD = np.empty((1, 1), np.float32)
-        XQ = np.empty((1, 1), np.int8)
-        BS = np.empty((1, 1), np.int16)
-        X16 = np.empty((1, 1), np.int16)
+        XD, XQ, XS, X16, XF, BS = _no_inputs(nx)
     for it in prange(items.shape[0]):
         e = items[it, 0]
         r0 = items[it, 1]
@@ -315,7 +348,8 @@ def grouped_matmul(kind, mats, items, starts, order, xrow, X, out):
             elif not quant:
                 _rows_u16(kind, w.view(np.uint16), r0, r1, X[xi], out[sl])
             else:
-                _quant_rows(kind, w, r0, r1, XD[xi], XQ[xi], X16[xi], BS[xi], out[sl])
+                _quant_rows(kind, w, r0, r1, XD[xi], XQ[xi], XS[xi], X16[xi], XF[xi], BS[xi],
+                            out[sl])
 
 
 def _groups(sel: np.ndarray, E: int, rows_by_kind: dict):

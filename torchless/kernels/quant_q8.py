@@ -1002,10 +1002,17 @@ def _register(kind: str, act: str, fn, template=None) -> None:
     __all__.append(name)
 
 
-_register("q8_0", "q8_0", _make_rows2(_signed_q8_0, 34, "_rows2_q8_0"))
-_register("q4_0", "q8_0", _make_rows2(_signed_q4_0, 18, "_rows2_q4_0"))
-_register("q4_1", "q8_1", _make_rows2(_unsigned_q4_1, 20, "_rows2_q4_1", False, True))
-_register("q5_0", "q8_0", _make_rows2(_signed_q5_0, 22, "_rows2_q5_0"))
+# the two-row products, by name: the batched and mixture kernels call them too
+_rows2_q8_0 = _make_rows2(_signed_q8_0, 34, "_rows2_q8_0")
+_rows2_q4_0 = _make_rows2(_signed_q4_0, 18, "_rows2_q4_0")
+_rows2_q4_1 = _make_rows2(_unsigned_q4_1, 20, "_rows2_q4_1", False, True)
+_rows2_q5_0 = _make_rows2(_signed_q5_0, 22, "_rows2_q5_0")
+_rows2_q5_1 = _make_rows2(_unsigned_q5_1, 24, "_rows2_q5_1", False, True)
+_rows2_iq4_nl = _make_rows2(_signed_iq4_nl, 18, "_rows2_iq4_nl")
+_register("q8_0", "q8_0", _rows2_q8_0)
+_register("q4_0", "q8_0", _rows2_q4_0)
+_register("q4_1", "q8_1", _rows2_q4_1)
+_register("q5_0", "q8_0", _rows2_q5_0)
 
 
 @njit(inline="always", cache=True)
@@ -1153,8 +1160,8 @@ def _rowf_tq1_0(u, xd, xf, bsums, lanes):
     return sumf
 
 
-_register("q5_1", "q8_1", _make_rows2(_unsigned_q5_1, 24, "_rows2_q5_1", False, True))
-_register("iq4_nl", "q8_0", _make_rows2(_signed_iq4_nl, 18, "_rows2_iq4_nl"))
+_register("q5_1", "q8_1", _rows2_q5_1)
+_register("iq4_nl", "q8_0", _rows2_iq4_nl)
 _register("q2_k", "q8_k", _rowf_q2_k, _rows_kf_template)
 _register("q3_k", "q8_k", _rowf_q3_k, _rows_kf_template)
 _register("iq4_xs", "q8_k", _rowf_iq4_xs, _rows_kf_template)
