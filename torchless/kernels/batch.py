@@ -196,22 +196,26 @@ def quantize_rows_q8_k(X, xd, xq, bsums):
         q8._q8_k_act_into(X[b], xd[b], xq[b], bsums[b])
 
 
-def _make_rows2xnb(signed, bpb, name):
-    """An intrinsic ``f(u0, u1, XQ, XD, b0, res)``: ``res[2 * j + k]`` = the dot product of
-    weight row ``u_k`` (bytes of ``bpb``-byte blocks) with q8_0 activation row ``b0 + j``
-    (``XQ [B, n]`` int8, ``XD [B, n/32]``), j < NB: the weight blocks are loaded and unpacked
-    once for NB activation rows; each pair's arithmetic is that of ``quant_q8._make_rows2``."""
+def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
+    """An intrinsic ``f(u0, u1, XQ, XD, XS, b0, res)``: ``res[2 * j + k]`` = the dot product of
+    weight row ``u_k`` (bytes of ``bpb``-byte blocks) with activation row ``b0 + j``
+    (``XQ [B, n]`` int8, ``XD [B, n/32]``; ``XS [B, n/32]``, the q8_1 sums, when
+    ``with_min``), j < NB: the weight blocks are loaded and unpacked once for NB activation
+    rows; each pair's arithmetic is that of ``quant_q8._make_rows2`` with the same
+    ``weights``, ``signed`` and ``with_min``."""
     I8, I32, I64 = q8._I8, q8._I32, q8._I64
 
-    def impl(typingctx, u0, u1, XQ, XD, b0, res):
+    def impl(typingctx, u0, u1, XQ, XD, XS, b0, res):
         if not (isinstance(u0, types.Array) and u0.ndim == 1 and u0.dtype == types.uint8
                 and isinstance(u1, types.Array) and u1.ndim == 1 and u1.dtype == types.uint8
                 and isinstance(XQ, types.Array) and XQ.ndim == 2 and XQ.dtype == types.int8
                 and isinstance(XD, types.Array) and XD.ndim == 2
                 and XD.dtype == types.float32 and isinstance(b0, types.Integer)
+                and isinstance(XS, types.Array) and XS.ndim == 2
+                and XS.dtype == types.float32
                 and isinstance(res, types.Array) and res.dtype == types.float32):
             return None
-        sig = types.void(u0, u1, XQ, XD, b0, res)
+        sig = types.void(u0, u1, XQ, XD, XS, b0, res)
 
         def codegen(context, builder, sig, args):
             f32 = ir.FloatType()
@@ -222,9 +226,9 @@ def _make_rows2xnb(signed, bpb, name):
             p1 = q8._data_ptr(context, builder, sig, args, 1)
             nbytes = cgutils.unpack_tuple(builder, a0.shape)[0]
             nb = builder.udiv(nbytes, ir.Constant(nbytes.type, bpb))
-            b0v = context.cast(builder, args[4], sig.args[4], types.intp)
-            xrows, drows = [], []
-            for arg, lst in ((2, xrows), (3, drows)):
+            b0v = context.cast(builder, args[5], sig.args[5], types.intp)
+            xrows, drows, srows = [], [], []
+            for arg, lst in ((2, xrows), (3, drows), (4, srows)):
                 arr = context.make_array(sig.args[arg])(context, builder, value=args[arg])
                 st0 = cgutils.unpack_tuple(builder, arr.strides)[0]
                 base = builder.bitcast(arr.data, i8p)
@@ -236,23 +240,33 @@ def _make_rows2xnb(signed, bpb, name):
             zero = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)]
                     for _ in range(NB)]
+            mins = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in "01"]
+                    for _ in range(NB)]
+
+            def half(ptr):
+                h = builder.load(builder.bitcast(ptr, ir.IntType(16).as_pointer()), align=1)
+                return builder.fpext(builder.bitcast(h, ir.HalfType()), f32)
+
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 off = builder.mul(b, ir.Constant(b.type, bpb))
-                ws, dws = [], []
+                ws, dws, mws = [], [], []
                 for p in (p0, p1):
                     pb = builder.gep(p, [off])
                     q8._prefetch_ir(builder, builder.gep(pb, [ir.Constant(I64,
                                                                           q8.PREFETCH_BYTES)]))
-                    ws.append(signed(builder, pb))
-                    h = builder.load(builder.bitcast(pb, ir.IntType(16).as_pointer()), align=1)
-                    dws.append(builder.fpext(builder.bitcast(h, ir.HalfType()), f32))
+                    ws.append(weights(builder, pb))
+                    dws.append(half(pb))
+                    if with_min:
+                        mws.append(half(q8._at(builder, pb, 2)))
                 xo = builder.mul(b, ir.Constant(b.type, 32))
                 for j in range(NB):
                     xv = q8._load(builder, builder.gep(xrows[j], [xo]), I8, 32)
                     xd_b = builder.load(builder.gep(drows[j], [b]))
+                    if with_min:
+                        xs_b = builder.load(builder.gep(srows[j], [b]))
                     for k in range(2):
-                        lanes = q8._dot4(builder, ws[k], xv, True)
+                        lanes = q8._dot4(builder, ws[k], xv, signed)
                         sc = builder.fmul(dws[k], xd_b)
                         scv = builder.insert_element(ir.Constant(v8f, None), sc,
                                                      ir.Constant(I32, 0))
@@ -260,11 +274,17 @@ def _make_rows2xnb(signed, bpb, name):
                         acc = accs[j][k]
                         builder.store(builder.call(fma, [builder.sitofp(lanes, v8f), scv,
                                                          builder.load(acc)]), acc)
-            pr = q8._data_ptr(context, builder, sig, args, 5)
+                        if with_min:
+                            ms = builder.fmul(mws[k], xs_b)
+                            builder.store(builder.fadd(builder.load(mins[j][k]), ms),
+                                          mins[j][k])
+            pr = q8._data_ptr(context, builder, sig, args, 6)
             for j in range(NB):
                 for k in range(2):
-                    builder.store(_lane_tree(builder, builder.load(accs[j][k])),
-                                  q8._at(builder, pr, 2 * j + k))
+                    v = _lane_tree(builder, builder.load(accs[j][k]))
+                    if with_min:
+                        v = builder.fadd(v, builder.load(mins[j][k]))
+                    builder.store(v, q8._at(builder, pr, 2 * j + k))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -273,118 +293,126 @@ def _make_rows2xnb(signed, bpb, name):
     return intrinsic(impl)
 
 
-_rows2xnb_q8_0 = _make_rows2xnb(q8._signed_q8_0, 34, "_rows2xnb_q8_0")
-_rows2xnb_q4_0 = _make_rows2xnb(q8._signed_q4_0, 18, "_rows2xnb_q4_0")
-_rows2xnb_q5_0 = _make_rows2xnb(q8._signed_q5_0, 22, "_rows2xnb_q5_0")
-# the decode kernels' two-row products (quant_q8 binds its own copies inside each generated
-# matvec), for the rows past the last full tile
-_rows2_q8_0, _rows2_q4_0, _rows2_q5_0 = q8._rows2_q8_0, q8._rows2_q4_0, q8._rows2_q5_0
-_NO_XS = q8._NO_XS
+_TILES = {
+    "q8_0": _make_rows2xnb(q8._signed_q8_0, 34, "_rows2xnb_q8_0"),
+    "q4_0": _make_rows2xnb(q8._signed_q4_0, 18, "_rows2xnb_q4_0"),
+    "q5_0": _make_rows2xnb(q8._signed_q5_0, 22, "_rows2xnb_q5_0"),
+    "iq4_nl": _make_rows2xnb(q8._signed_iq4_nl, 18, "_rows2xnb_iq4_nl"),
+    "q4_1": _make_rows2xnb(q8._unsigned_q4_1, 20, "_rows2xnb_q4_1", False, True),
+    "q5_1": _make_rows2xnb(q8._unsigned_q5_1, 24, "_rows2xnb_q5_1", False, True),
+}
+
+# Each kind's kernel is generated from one template by the shape of its decode row function
+# (quant_q8.ROW_FNS): the same function, on the same row pairs, as the decode matvec, so a row
+# gets the decode's bits; the weight rows of a chunk stay in cache while every activation row
+# meets them. q8_0/q4_0/q5_0 also share each weight load across NB activation rows.
 
 
-@njit(inline="always", cache=True)
-def _rows2_q8act(data, xd, xq, out, kind):
+def _tiled_template(data, xd, xq, xs, out):
+    """``out[b, r]`` = row r of ``data`` . activation row b (xd[b], xq[b]), NB rows a tile."""
     rows = data.shape[0]
     B = xq.shape[0]
-    C = q8._CHUNK
-    for ch in prange((rows + C - 1) // C):
+    for ch in prange((rows + _C - 1) // _C):  # noqa: F821 (bound per kind)
         res = np.empty(2, np.float32)
-        tile = np.empty(2 * NB, np.float32)
-        end = min(rows, ch * C + C)
-        for r in range(ch * C, end, 2):
+        tile = np.empty(2 * _NB, np.float32)  # noqa: F821
+        end = min(rows, ch * _C + _C)  # noqa: F821
+        for r in range(ch * _C, end, 2):  # noqa: F821
             r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
-            for b0 in range(0, B - B % NB, NB):
-                if kind == 0:
-                    _rows2xnb_q8_0(data[r], data[r1], xq, xd, b0, tile)
-                elif kind == 1:
-                    _rows2xnb_q4_0(data[r], data[r1], xq, xd, b0, tile)
-                else:
-                    _rows2xnb_q5_0(data[r], data[r1], xq, xd, b0, tile)
-                for j in range(NB):
+            for b0 in range(0, B - B % _NB, _NB):  # noqa: F821
+                _tile(data[r], data[r1], xq, xd, xs, b0, tile)  # noqa: F821
+                for j in range(_NB):  # noqa: F821
                     out[b0 + j, r] = tile[2 * j]
                     out[b0 + j, r1] = tile[2 * j + 1]
-            for b in range(B - B % NB, B):
-                if kind == 0:
-                    _rows2_q8_0(data[r], data[r1], xq[b], xd[b], _NO_XS, res)
-                elif kind == 1:
-                    _rows2_q4_0(data[r], data[r1], xq[b], xd[b], _NO_XS, res)
-                else:
-                    _rows2_q5_0(data[r], data[r1], xq[b], xd[b], _NO_XS, res)
+            for b in range(B - B % _NB, B):  # noqa: F821
+                _rows2(data[r], data[r1], xq[b], xd[b], xs[b], res)  # noqa: F821
                 out[b, r] = res[0]
                 out[b, r1] = res[1]
 
 
-@njit(parallel=True, cache=True)
-def matmul_rows_q8act_q8_0(data, xd, xq, out):
-    """``out[b, r]`` = row r of q8_0 ``data`` . (xd[b], xq[b]), as the decode kernel."""
-    _rows2_q8act(data, xd, xq, out, 0)
+def _rows2_batch_template(data, xd, xq, xs, out):
+    """The same with the two-row product for every activation row (q8_0/q8_1 kinds)."""
+    rows = data.shape[0]
+    B = xq.shape[0]
+    for ch in prange((rows + _C - 1) // _C):  # noqa: F821
+        res = np.empty(2, np.float32)
+        end = min(rows, ch * _C + _C)  # noqa: F821
+        for r in range(ch * _C, end, 2):  # noqa: F821
+            r1 = min(r + 1, end - 1)
+            for b in range(B):
+                _rows2(data[r], data[r1], xq[b], xd[b], xs[b], res)  # noqa: F821
+                out[b, r] = res[0]
+                out[b, r1] = res[1]
 
 
-@njit(parallel=True, cache=True)
-def matmul_rows_q8act_q4_0(data, xd, xq, out):
-    _rows2_q8act(data, xd, xq, out, 1)
-
-
-@njit(parallel=True, cache=True)
-def matmul_rows_q8act_q5_0(data, xd, xq, out):
-    _rows2_q8act(data, xd, xq, out, 2)
-
-
-@njit(inline="always", cache=True)
-def _rows_k_q8act(data, xd, x16, bsums, out, kind):
+def _k16_batch_template(data, xd, x16, bsums, out):
+    """``out[b, r]`` for the k-quants whose row function takes the q8_K quants as int16."""
     rows = data.shape[0]
     B = x16.shape[0]
-    C = q8._CHUNK
-    for ch in prange((rows + C - 1) // C):
+    for ch in prange((rows + _C - 1) // _C):  # noqa: F821
         aux = np.empty(8, np.int32)
         sums = np.empty(8, np.float32)
-        for r in range(ch * C, min(rows, ch * C + C)):
-            u = data[r]
+        for r in range(ch * _C, min(rows, ch * _C + _C)):  # noqa: F821
             for b in range(B):
-                if kind == 0:
-                    out[b, r] = q8._row_k4(u, xd[b], x16[b], bsums[b], aux, sums, 144, False)
-                elif kind == 1:
-                    out[b, r] = q8._row_k4(u, xd[b], x16[b], bsums[b], aux, sums, 176, True)
-                else:
-                    out[b, r] = q8._row_q6_k(u, xd[b], x16[b], bsums[b], aux, sums)
+                out[b, r] = _row(data[r], xd[b], x16[b], bsums[b], aux, sums)  # noqa: F821
 
 
-@njit(parallel=True, cache=True)
-def matmul_rows_q8act_q4_k(data, xd, x16, bsums, out):
-    """``out[b, r]`` = row r of q4_k ``data`` . row b of the q8_K activations (x16 = the
-    quants widened to int16)."""
-    _rows_k_q8act(data, xd, x16, bsums, out, 0)
+def _kf_batch_template(data, xd, xf, bsums, out):
+    """The same for the k-quants whose row function takes them as float32."""
+    rows = data.shape[0]
+    B = xf.shape[0]
+    for ch in prange((rows + _C - 1) // _C):  # noqa: F821
+        lanes = np.empty(32, np.float32)
+        for r in range(ch * _C, min(rows, ch * _C + _C)):  # noqa: F821
+            for b in range(B):
+                out[b, r] = _row(data[r], xd[b], xf[b], bsums[b], lanes)  # noqa: F821
 
 
-@njit(parallel=True, cache=True)
-def matmul_rows_q8act_q5_k(data, xd, x16, bsums, out):
-    _rows_k_q8act(data, xd, x16, bsums, out, 1)
+_Q8ACT: dict = {}  # kind -> (generated kernel, activation variant)
+for _kind, (_fn, _shape) in q8.ROW_FNS.items():
+    _name = f"matmul_rows_q8act_{_kind}"
+    if _shape == "rows2":
+        _variant = q8.ACT_FORMAT[_kind]  # "q8_0" or "q8_1"
+        if _kind in _TILES:
+            _k = kq._generate(_tiled_template, _name, _C=q8._CHUNK, _NB=NB, _rows2=_fn,
+                              _tile=_TILES[_kind])
+        else:
+            _k = kq._generate(_rows2_batch_template, _name, _C=q8._CHUNK, _rows2=_fn)
+    else:
+        _variant = "q8_k16" if _shape == "k16" else "q8_kf"
+        _k = kq._generate(_k16_batch_template if _shape == "k16" else _kf_batch_template,
+                          _name, _C=q8._CHUNK, _row=_fn)
+    _Q8ACT[_kind] = (_k, _variant)
+    globals()[_name] = _k
 
 
-@njit(parallel=True, cache=True)
-def matmul_rows_q8act_q6_k(data, xd, x16, bsums, out):
-    _rows_k_q8act(data, xd, x16, bsums, out, 2)
-
-
-_Q8ACT = {"q8_0": matmul_rows_q8act_q8_0, "q4_0": matmul_rows_q8act_q4_0,
-          "q5_0": matmul_rows_q8act_q5_0, "q4_k": matmul_rows_q8act_q4_k,
-          "q5_k": matmul_rows_q8act_q5_k, "q6_k": matmul_rows_q8act_q6_k}
+@njit(cache=True)
+def quantize_rows_q8_1(X, xd, xq, xs):
+    """Each row of ``X [B, n]`` to q8_1 activations (the x86 quantizer the decode uses)."""
+    for b in range(X.shape[0]):
+        q8._q8_1_act_x86_into(X[b], xd[b], xq[b], xs[b])
 
 
 def quantize_rows(kind: str, X: np.ndarray) -> tuple:
-    """The rows of ``X [B, n]`` in the 8-bit activation format of weights of ``kind``:
-    ``(xd, xq)`` for q8_0/q4_0/q5_0, ``(xd, x16, bsums)`` for the k-quants."""
+    """The rows of ``X [B, n]`` in the 8-bit activation format of weights of ``kind``, as
+    that kind's batched kernel takes them: ``(xd, xq, xs)`` for the 32-element kinds (``xs``
+    empty unless q8_1); ``(xd, quants, bsums)`` for the k-quants, the quants widened to int16
+    or float32 as the kind's row function reads them."""
     B, n = X.shape
-    if q8.ACT_FORMAT[kind] == "q8_0":
+    variant = _Q8ACT[kind][1]
+    if variant in ("q8_0", "q8_1"):
         xd = np.empty((B, n // 32), np.float32)
         xq = np.empty((B, n), np.int8)
-        quantize_rows_q8_0(X, xd, xq)
-        return xd, xq
+        if variant == "q8_0":
+            quantize_rows_q8_0(X, xd, xq)
+            return xd, xq, np.empty((B, 0), np.float32)
+        xs = np.empty((B, n // 32), np.float32)
+        quantize_rows_q8_1(X, xd, xq, xs)
+        return xd, xq, xs
     xd = np.empty((B, n // 256), np.float32)
     xq = np.empty((B, n), np.int8)
     bsums = np.empty((B, n // 16), np.int16)
     quantize_rows_q8_k(X, xd, xq, bsums)
-    return xd, xq.astype(np.int16), bsums
+    return xd, xq.astype(np.int16 if variant == "q8_k16" else np.float32), bsums
 
 
 class ActCache:
@@ -396,7 +424,7 @@ class ActCache:
         self._val = None
 
     def get(self, kind: str, X: np.ndarray) -> tuple:
-        fmt = q8.ACT_FORMAT[kind]
+        fmt = _Q8ACT[kind][1]
         ref, f = self._key
         if ref is None or ref() is not X or f != fmt:
             self._val = quantize_rows(kind, X)
@@ -416,12 +444,7 @@ def linear_rows(w: Weight, X: np.ndarray, act_quant: bool = False,
         kernel(data, X, out)
     elif act_quant and w.kind in _Q8ACT:
         act = cache.get(w.kind, X) if cache is not None else quantize_rows(w.kind, X)
-        _Q8ACT[w.kind](kq._readonly(data, np.uint8), *act, out)
-    elif act_quant and q8.supports(w.kind):
-        # no shared-read tile for this kind yet (q4_1, q5_1, iq4_nl, q2_k, q3_k, iq4_xs,
-        # tq*): the decode product row by row; same bits, each weight read B times
-        for b in range(B):
-            km.matvec(w, X[b], out[b], act_quant=True)
+        _Q8ACT[w.kind][0](kq._readonly(data, np.uint8), *act, out)
     else:
         kq.MATMUL[w.kind](kq._readonly(data, np.uint8), X, out)
     return out

@@ -986,6 +986,9 @@ def _rows_k_template(data, xd, xq, bsums, out):
 
 
 MATVEC_Q8ACT: dict = {}
+# kind -> (its row function, how that function takes the activations: "rows2" for the
+# 32-element kinds' two-row intrinsics, "k16" for q8_K quants as int16, "kf" as float32)
+ROW_FNS: dict = {}
 
 
 def _register(kind: str, act: str, fn, template=None) -> None:
@@ -995,8 +998,10 @@ def _register(kind: str, act: str, fn, template=None) -> None:
     ACT_FORMAT[kind] = act
     if act == "q8_k":
         template, bound = template or _rows_k_template, {"_row": fn}
+        ROW_FNS[kind] = (fn, "k16" if template is _rows_k_template else "kf")
     else:
         template, bound = _rows2_template, {"_rows2": fn}
+        ROW_FNS[kind] = (fn, "rows2")
     name = f"matvec_q8act_{kind}"
     MATVEC_Q8ACT[kind] = globals()[name] = _q._generate(template, name, **bound)
     __all__.append(name)
