@@ -209,10 +209,7 @@ def cmd_serve(args) -> int:
               f"({limit})", file=sys.stderr)
     name = args.model_name or (os.path.basename(os.path.normpath(args.model)) if args.model
                                else "gemma-3-270m-it-q4_k_m")
-    # compile (or load from Numba's cache) the prefill and decode kernels before listening
-    state = model.new_state(max_seq_len=8)
-    model.prefill(state, model.encode("Hello")[:4] or [0])
-    model.decode_batch([state], [int(state.tokens[-1])])
+    # the scheduler compiles (or loads) the kernels on its own thread before listening
     api_key = args.api_key or os.environ.get("TORCHLESS_API_KEY") or None
     print(f"torchless: serving {name!r} on http://{args.host}:{args.port}/v1 "
           f"({args.parallel} slots x {ctx} tokens)", file=sys.stderr, flush=True)

@@ -113,11 +113,21 @@ class Scheduler:
                                          reused_tokens=0)
 
     # ---- any thread ----------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, warm_up: bool = True) -> None:
+        """Start the scheduler thread; with ``warm_up``, first compile (or load from Numba's
+        cache) the prefill and decode kernels there, and return once they are ready.
+
+        Every kernel runs on this one thread. Each thread that starts a Numba parallel loop
+        gets its own OpenMP team, and once a process holds more OpenMP threads than cores,
+        libgomp stops spin-waiting between loops: every loop of a decode step then costs its
+        workers a sleep and a wake-up (a second team cut single-stream decode of a small
+        model to less than half in the server; BENCHMARKS.md)."""
         self._running = True
-        self._thread = threading.Thread(target=self._run, name="torchless-scheduler",
-                                        daemon=True)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(warm_up, ready),
+                                        name="torchless-scheduler", daemon=True)
         self._thread.start()
+        ready.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cv:
@@ -154,8 +164,24 @@ class Scheduler:
                     "ctx": self.ctx, **{k: int(v) for k, v in self.stats.items()}}
 
     # ---- scheduler thread ----------------------------------------------------------------
-    def _run(self) -> None:
+    def _warm_up(self) -> None:
+        state = self.model.new_state(max_seq_len=8)
+        self.model.prefill(state, [0, 1, 2, 3][:max(1, min(4, self.model.config.vocab_size))])
+        self.model.decode_batch([state], [int(state.tokens[-1])])
+        other = self.model.new_state(max_seq_len=8)
+        self.model.prefill(other, [0])
+        self.model.decode_batch([state, other], [0, 0])
+
+    def _run(self, warm_up: bool = False, ready: threading.Event | None = None) -> None:
         try:
+            if warm_up:
+                try:
+                    self._warm_up()
+                finally:
+                    if ready is not None:
+                        ready.set()
+            elif ready is not None:
+                ready.set()
             while True:
                 with self._cv:
                     while self._running and not self._pending and \
