@@ -114,8 +114,8 @@ def llama_bench_run(binary, gguf, threads, P, N) -> dict:
     return out
 
 
-def transformers_run(hf, dtype, threads, P, N) -> dict:
-    return run_json([sys.executable, "-c", TRANSFORMERS_SNIPPET, str(hf), dtype, str(threads),
+def transformers_run(hf, dtype, threads, P, N, python=None) -> dict:
+    return run_json([python or sys.executable, "-c", TRANSFORMERS_SNIPPET, str(hf), dtype, str(threads),
                      str(P), str(N)])
 
 
@@ -130,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--transformers-python", default=None,
+                    help="the Python that has torch + transformers (default: this one)")
     ap.add_argument("--out", type=Path, default=Path("bench/results.json"))
     ap.add_argument("--engines", default=None,
                     help="comma-separated engine names to run (default: all), e.g. "
@@ -151,8 +153,10 @@ def main(argv=None) -> int:
         "llama.cpp Q4_K_M": lambda: llama_bench_run(a.llama_bench, a.gguf_dir / f"{stem}-q4_k_m.gguf", T, P, N),
     }
     if not a.skip_transformers:
-        engines["transformers float32"] = lambda: transformers_run(a.hf, "float32", T, P, N)
-        engines["transformers bfloat16"] = lambda: transformers_run(a.hf, "bfloat16", T, P, N)
+        engines["transformers float32"] = lambda: transformers_run(a.hf, "float32", T, P, N,
+                                                                          a.transformers_python)
+        engines["transformers bfloat16"] = lambda: transformers_run(a.hf, "bfloat16", T, P, N,
+                                                                           a.transformers_python)
     if a.engines:
         wanted = [e.strip() for e in a.engines.split(",")]
         unknown = [e for e in wanted if e not in engines]

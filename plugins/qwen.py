@@ -1,5 +1,6 @@
 """Qwen-1 (``qwen``: remote-code QWenLMHeadModel), Qwen2 (q/k/v biases), Qwen3 (q/k
-RMSNorm per head) and Qwen3-MoE (Qwen3's attention, a mixture of experts as the MLP)."""
+RMSNorm per head), Qwen2-MoE (Qwen2's attention; a mixture of experts plus one shared expert
+as the MLP) and Qwen3-MoE (Qwen3's attention, a mixture of experts, no shared expert)."""
 from torchless import ArchitectureConfig, ArchitectureSpec, ModelArchitecture, TensorNamePattern
 from torchless import hookimpl
 from torchless.config import MoeConfig, get
@@ -43,9 +44,7 @@ def qwen3_moe_config(hf):
     n = hf.get("num_hidden_layers", QWEN3_DEFAULTS["num_hidden_layers"])
     E = hf.get("num_experts", hf.get("num_local_experts", 128))
     E = get({"num_experts": E}, "num_experts", kind=int)
-    step = get(hf, "decoder_sparse_step", 1, kind=int) or 1
-    only = set(hf.get("mlp_only_layers") or [])
-    layers = [i not in only and E > 0 and (i + 1) % step == 0 for i in range(n)]
+    layers = _moe_layers(hf, n, E)
     moe = MoeConfig(num_experts=E, top_k=get(hf, "num_experts_per_tok", 8, kind=int),
                     intermediate_size=get(hf, "moe_intermediate_size", 768, kind=int),
                     router="softmax_topk", renorm=bool(hf.get("norm_topk_prob", False)),
@@ -53,6 +52,37 @@ def qwen3_moe_config(hf):
     # no head_dim field in Qwen3MoeConfig: attention takes hidden // heads unless one is given
     return make_config("qwen", "qwen3_moe", hf, dict(QWEN2_DEFAULTS, intermediate_size=6144),
                        qk_norm="rms", layer_windows=_qwen2_windows(hf, n), moe=moe)
+
+
+QWEN2_MOE_DEFAULTS = dict(QWEN2_DEFAULTS, hidden_size=2048, intermediate_size=5632,
+                          num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16)
+
+
+def _moe_layers(hf, n, E):
+    step = get(hf, "decoder_sparse_step", 1, kind=int) or 1
+    only = set(hf.get("mlp_only_layers") or [])
+    return [i not in only and E > 0 and (i + 1) % step == 0 for i in range(n)]
+
+
+def qwen2_moe_config(hf):
+    """transformers' ``Qwen2MoeConfig``: the Qwen3-MoE layer rule (``mlp_only_layers``,
+    ``decoder_sparse_step``), a softmax router keeping ``num_experts_per_tok`` (renormalised
+    when ``norm_topk_prob``, false by default and in the released models), and in every
+    mixture layer a shared expert of ``shared_expert_intermediate_size`` whose output is
+    scaled by ``sigmoid(shared_expert_gate(x))`` and added to the experts'."""
+    n = hf.get("num_hidden_layers", QWEN2_MOE_DEFAULTS["num_hidden_layers"])
+    E = get(hf, "num_experts", 60, kind=int)
+    moe = MoeConfig(num_experts=E, top_k=get(hf, "num_experts_per_tok", 4, kind=int),
+                    intermediate_size=get(hf, "moe_intermediate_size", 1408, kind=int),
+                    router="softmax_topk", renorm=bool(hf.get("norm_topk_prob", False)),
+                    layers=_moe_layers(hf, n, E),
+                    shared_intermediate_size=get(hf, "shared_expert_intermediate_size", 5632,
+                                                 kind=int))
+    if moe.shared_intermediate_size <= 0:
+        raise ConfigError("Qwen2-MoE shared_expert_intermediate_size must be positive, got "
+                          f"{moe.shared_intermediate_size}")
+    return make_config("qwen", "qwen2_moe", hf, QWEN2_MOE_DEFAULTS,
+                       layer_windows=_qwen2_windows(hf, n), moe=moe)
 
 
 def qwen1_config(hf):
@@ -119,7 +149,8 @@ QWEN2 = ArchitectureSpec(
     aliases=("qwen2.5", "qwen-2", "qwen-2.5"),
     tensor_pattern=TensorNamePattern(required=(r"self_attn\.q_proj\.bias$",
                                                r"self_attn\.o_proj\.weight$"),
-                                     forbidden=(r"self_attn\.o_proj\.bias$", r"q_norm")),
+                                     forbidden=(r"self_attn\.o_proj\.bias$", r"q_norm",
+                                                r"\.mlp\.experts\.")),
     describe=ArchitectureConfig(ModelArchitecture.QWEN, variant="qwen2"),
     config_from_hf=qwen2_config,
     tensor_map=lambda cfg: llama_tensor_map(),
@@ -162,11 +193,35 @@ QWEN3_MOE = ArchitectureSpec(
 )
 
 
+QWEN2_MOE = ArchitectureSpec(
+    name="qwen2_moe",
+    family="qwen",
+    model_types=("qwen2_moe",),
+    hf_architectures=("Qwen2MoeForCausalLM",),
+    gguf_architectures=("qwen2moe",),
+    aliases=("qwen2moe", "qwen1.5-moe", "qwen-2-moe"),
+    tensor_pattern=TensorNamePattern(required=(r"\.mlp\.shared_expert_gate\.weight$",
+                                               r"\.mlp\.experts\.0\.gate_proj\.weight$")),
+    describe=ArchitectureConfig(ModelArchitecture.QWEN, variant="qwen2_moe"),
+    config_from_hf=qwen2_moe_config,
+    tensor_map=lambda cfg: llama_tensor_map(extra_layers={
+        "ffn_gate_inp": "mlp.gate",
+        "ffn_gate_exps": "mlp.experts.{j}.gate_proj",
+        "ffn_up_exps": "mlp.experts.{j}.up_proj",
+        "ffn_down_exps": "mlp.experts.{j}.down_proj",
+        "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+        "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp": "mlp.shared_expert.up_proj",
+        "ffn_down_shexp": "mlp.shared_expert.down_proj"}),
+)
+
+
 @hookimpl
 def register_architectures(register):
     register(QWEN1)
     register(QWEN2)
     register(QWEN3)
+    register(QWEN2_MOE)
     register(QWEN3_MOE)
 
 
@@ -194,3 +249,17 @@ def _qwen3_moe_gguf(g):
 
 
 QWEN3_MOE.config_from_gguf = _qwen3_moe_gguf
+
+
+def _qwen2_moe_gguf(g):
+    from torchless.gguf_config import gguf_config, gguf_moe
+
+    # llama.cpp src/models/qwen2moe.cpp: never renormalised (norm_w = false), and the
+    # shared expert (ffn_*_shexp) of expert_shared_feed_forward_length, sigmoid-gated
+    moe = gguf_moe(g, renorm=False, shared=True)
+    if moe is None:
+        raise ConfigError(f"{g.path}: a qwen2moe GGUF without qwen2moe.expert_count")
+    return gguf_config("qwen", "qwen2_moe", g, moe=moe)
+
+
+QWEN2_MOE.config_from_gguf = _qwen2_moe_gguf

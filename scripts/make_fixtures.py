@@ -45,7 +45,8 @@ tied, sqrt(H)-scaled embeddings a larger one makes greedy decoding just repeat i
 Llama-style RMSNorm and LayerNorm weights 1 + 0.3 N(0,1), Gemma-style (1 + w) norm weights
 0.3 N(0,1), every bias 0.1 N(0,1). Reruns are bit-for-bit reproducible.
 
-Mixture-of-experts fixtures (``mixtral``, ``qwen3_moe``, ``qwen3_moe_mixed``, ``olmoe``): router
+Mixture-of-experts fixtures (``mixtral``, ``qwen3_moe``, ``qwen3_moe_mixed``, ``olmoe``,
+``qwen2_moe``): router
 weights ~ N(0, ``router_std`` = 1.0) so that the chosen experts differ from token to token, and
 ``reference.npz`` also holds ``router_experts`` int64 [L_moe, T, k]: the experts transformers'
 routers pick for each token of ``ids`` (each row sorted), from ``output_router_logits``;
@@ -597,6 +598,17 @@ FIXTURES += [
         router_std=1.0,
         note="q/k RMSNorm over the whole projection; top-2 of 8 not renormalised",
     ),
+    Fixture(
+        "qwen2_moe",
+        "qwen2_moe",
+        "qwen",
+        dict(MOE_BASE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+             shared_expert_intermediate_size=48, intermediate_size=40, norm_topk_prob=False,
+             rms_norm_eps=1e-6, rope_theta=1_000_000.0),
+        seed=137,
+        router_std=1.0,
+        note="q/k/v biases, top-2 of 8 not renormalised, plus a sigmoid-gated shared expert",
+    ),
 ]
 
 FIXTURES_BY_NAME = {f.name: f for f in FIXTURES}
@@ -688,6 +700,12 @@ def build_qwen3_moe(fx):
     return Qwen3MoeConfig(**_cfg(fx))
 
 
+def build_qwen2_moe(fx):
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(**_cfg(fx))
+
+
 def build_olmoe(fx):
     from transformers import OlmoeConfig
 
@@ -714,6 +732,7 @@ FAMILY_BUILDERS: dict[str, Callable] = {
     "qwen1": build_qwen1,
     "mixtral": build_mixtral,
     "qwen3_moe": build_qwen3_moe,
+    "qwen2_moe": build_qwen2_moe,
     "olmoe": build_olmoe,
 }
 

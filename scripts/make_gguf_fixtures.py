@@ -94,7 +94,7 @@ OUT = ROOT / "tests" / "fixtures_gguf"
 # (fixture, outtype, output file name)
 JOBS = [(n, "f32", f"{n}.gguf") for n in (
     "llama2_mha", "llama3_gqa", "mistral_window", "qwen2_tied", "qwen3", "gemma", "gemma2",
-    "gemma3_text", "phi3", "mixtral", "qwen3_moe", "olmoe")] + [
+    "gemma3_text", "phi3", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe")] + [
     ("llama3_gqa", "f16", "llama3_gqa-f16.gguf"),
     ("qwen2_tied", "q8_0", "qwen2_tied-q8_0.gguf"),
     ("qwen3_moe", "q8_0", "qwen3_moe-q8_0.gguf"),

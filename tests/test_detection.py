@@ -16,18 +16,18 @@ FAMILY = {"llama2_mha": "llama", "llama3_gqa": "llama", "llama_linear": "llama",
           "phi3_longrope_short": "phi", "phi3_longrope_long": "phi", "gemma": "gemma",
           "gemma2": "gemma", "gemma3_text": "gemma", "qwen1": "qwen", "qwen2_tied": "qwen",
           "qwen3": "qwen", "mixtral": "mistral", "qwen3_moe": "qwen", "qwen3_moe_mixed": "qwen",
-          "olmoe": "olmoe"}
+          "olmoe": "olmoe", "qwen2_moe": "qwen"}
 
 # From tensor names alone, where the names differ between families (Gemma 1, Llama and
 # Mistral share names; without a config those read as Mistral, as the original design says).
 BY_NAMES = {"phi2": "phi", "phi3": "phi", "phi3_longrope_long": "phi", "gemma2": "gemma",
             "gemma3_text": "gemma", "qwen1": "qwen", "qwen2_tied": "qwen", "qwen3": "qwen",
             "llama2_mha": "mistral", "mistral_window": "mistral", "mixtral": "mistral",
-            "qwen3_moe": "qwen"}
+            "qwen3_moe": "qwen", "qwen2_moe": "qwen"}
 # (OLMoE's tensor names are Qwen3-MoE's: without a config they read as Qwen3-MoE)
 VARIANT_BY_NAMES = {"phi2": "phi", "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3_text",
                     "qwen1": "qwen", "qwen2_tied": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
-                    "qwen3_moe": "qwen3_moe"}
+                    "qwen3_moe": "qwen3_moe", "qwen2_moe": "qwen2_moe"}
 
 
 def tensor_names(d):

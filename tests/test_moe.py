@@ -12,7 +12,7 @@ from torchless import reference as ref
 from torchless.errors import ConfigError, MissingTensorError
 from conftest import FIXTURES
 
-MOE = ["mixtral", "qwen3_moe", "qwen3_moe_mixed", "olmoe"]
+MOE = ["mixtral", "qwen3_moe", "qwen3_moe_mixed", "olmoe", "qwen2_moe"]
 
 
 def _fixture(name):
@@ -45,7 +45,7 @@ def test_router_picks_the_experts_transformers_picks(name, monkeypatch):
         np.testing.assert_array_equal(got, exp)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "qwen2_moe"])
 def test_decode_reads_only_the_chosen_experts(name):
     """Poison every expert no token of the sequence chose: decode and prefill do not change."""
     d, r = _fixture(name)

@@ -30,6 +30,9 @@ class MoeConfig:
     ``layers``: per layer, True where the MLP is the mixture and False where it is the dense
     gated MLP of width ``ModelConfig.intermediate_size`` (Qwen3-MoE's ``mlp_only_layers`` /
     ``decoder_sparse_step``). Expert MLPs have the model's ``mlp`` form and ``activation``.
+    ``shared_intermediate_size``: when positive, every mixture layer also has one shared
+    expert of that width, always used and scaled by ``sigmoid(w_gate . x)`` (Qwen2-MoE's
+    ``shared_expert`` and ``shared_expert_gate``); 0: none (Mixtral, Qwen3-MoE, OLMoE).
     """
 
     num_experts: int
@@ -38,8 +41,13 @@ class MoeConfig:
     router: str = "softmax_topk"
     renorm: bool = True
     layers: list = field(default_factory=list)
+    shared_intermediate_size: int = 0
 
     def check(self, num_layers: int) -> None:
+        s = self.shared_intermediate_size
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise ConfigError(f"moe shared_intermediate_size must be a non-negative integer, "
+                              f"got {s!r}")
         for name in ("num_experts", "top_k", "intermediate_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

@@ -43,6 +43,10 @@ def expected_shapes(cfg: ModelConfig) -> dict:
         E, Ie = cfg.moe.num_experts, cfg.moe.intermediate_size
         moe = {"ffn_gate_inp": (E, H), "ffn_gate_exps": (E, Ie, H), "ffn_up_exps": (E, Ie, H),
                "ffn_down_exps": (E, H, Ie)}
+        Is = cfg.moe.shared_intermediate_size
+        if Is:
+            moe |= {"ffn_gate_inp_shexp": (1, H), "ffn_gate_shexp": (Is, H),
+                    "ffn_up_shexp": (Is, H), "ffn_down_shexp": (H, Is)}
     return moe | {
         "token_embd": (cfg.vocab_size, H),
         "output": (cfg.vocab_size, H),
@@ -399,8 +403,9 @@ class DecoderModel:
             kinds = np.full(7, kd.NONE, np.int64)
             ws, bs = [kd.weight_bytes(None)[1]] * 7, [kd.f32_vector(None)] * 7
             if "ffn_gate_inp" in layer.w:
-                if cfg.residual != "sequential" or any(
+                if cfg.residual != "sequential" or "ffn_gate_inp_shexp" in layer.w or any(
                         n in layer.b for n in kmoe.MOE_TENSORS):
+                    # (a shared expert: the per-op decode, which adds it in _mlp)
                     self._packed = False
                     return False
                 moe.append(kmoe.pack_layer(layer, cfg, ACT_CODES[cfg.activation],
@@ -510,7 +515,14 @@ class DecoderModel:
     def _mlp(self, ops, layer: Layer, h):
         cfg = self.config
         if "ffn_gate_inp" in layer.w:  # a mixture of experts (kernels/moe.py)
-            return ops.moe(h, layer, cfg)
+            out = ops.moe(h, layer, cfg)
+            if "ffn_gate_inp_shexp" in layer.w:  # + the shared expert, sigmoid-gated
+                g = ops.linear(h, layer.w["ffn_gate_shexp"], None)
+                u = ops.linear(h, layer.w["ffn_up_shexp"], None)
+                y = ops.linear(ops.gated(g, u, cfg.activation), layer.w["ffn_down_shexp"], None)
+                s = ops.linear(h, layer.w["ffn_gate_inp_shexp"], None)
+                out = out + y * (np.float32(1) / (np.float32(1) + np.exp(-s)))
+            return out
         if cfg.mlp == "dense":
             u = ops.linear(h, layer.w["ffn_up"], layer.b.get("ffn_up"))
             return ops.linear(ops.act(u, cfg.activation), layer.w["ffn_down"],

@@ -149,11 +149,13 @@ def unpermute_rows(w: Weight, n_heads: int) -> Weight:
     return Weight(w.name, w.kind, w.shape, new)
 
 
-def gguf_moe(g, *, renorm: bool):
+def gguf_moe(g, *, renorm: bool, shared: bool = False):
     """The mixture-of-experts config of a GGUF decoder (``{arch}.expert_count`` ...), or None
     when it has no experts. ``renorm`` is the family's rule, fixed in llama.cpp's graph code
     (``build_moe_ffn``'s ``norm_w``: true for llama/Mixtral and qwen3moe, false for olmoe);
-    the gating function is softmax (``expert_gating_func`` 1 or absent)."""
+    the gating function is softmax (``expert_gating_func`` 1 or absent). ``shared``: the
+    family has a sigmoid-gated shared expert of ``expert_shared_feed_forward_length``
+    (qwen2moe)."""
     from .config import MoeConfig
 
     a = g.architecture
@@ -168,8 +170,9 @@ def gguf_moe(g, *, renorm: bool):
     if gating != 1:
         raise ConfigError(f"{g.path}: {a}.expert_gating_func {gating} is not supported "
                           "(only softmax, 1)")
-    for key in ("expert_shared_count", "expert_shared_feed_forward_length",
-                "leading_dense_block_count"):
+    for key in (("leading_dense_block_count",) if shared else
+                ("expert_shared_count", "expert_shared_feed_forward_length",
+                 "leading_dense_block_count")):
         v = g.get(f"{a}.{key}", int, 0)
         if v:
             raise ConfigError(f"{g.path}: {a}.{key} = {v}: shared experts and dense leading "
@@ -177,5 +180,10 @@ def gguf_moe(g, *, renorm: bool):
     ff = g.get(f"{a}.expert_feed_forward_length", int, None)
     if ff is None:
         ff = g.get(f"{a}.feed_forward_length", int)
+    shexp = 0
+    if shared:
+        shexp = g.get(f"{a}.expert_shared_feed_forward_length", int, None)
+        if shexp is None:  # llama.cpp falls back to the dense width
+            shexp = g.get(f"{a}.feed_forward_length", int)
     return MoeConfig(num_experts=int(n), top_k=int(used), intermediate_size=int(ff),
-                     router="softmax_topk", renorm=renorm)
+                     router="softmax_topk", renorm=renorm, shared_intermediate_size=int(shexp))

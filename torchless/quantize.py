@@ -36,7 +36,7 @@ def quantize_tensors(tensors: dict, kind: str) -> dict:
             # every expert as its own matrix; the router stays float32, as llama.cpp keeps it
             out[name] = Experts(w.name, [quantize_weight(e, kind) for e in w.experts])
             continue
-        if not name.endswith(".weight") or len(w.shape) != 2 or ".ffn_gate_inp." in name:
+        if not name.endswith(".weight") or len(w.shape) != 2 or ".ffn_gate_inp" in name:
             out[name] = w
             continue
         key = id(w)

@@ -65,6 +65,7 @@ CASES = {
     "qwen3_moe-q8_0.gguf": dict(fixture="qwen3_moe", family="qwen", variant="qwen3_moe",
                                 tol=0.25, argmax=0.9),
     "olmoe.gguf": dict(fixture="olmoe", family="olmoe", variant="olmoe"),
+    "qwen2_moe.gguf": dict(fixture="qwen2_moe", family="qwen", variant="qwen2_moe"),
 }
 NAMES = sorted(CASES)
 
@@ -279,6 +280,10 @@ def test_moe_gguf_hyperparameters():
     ol = _model("olmoe.gguf").config
     assert (ol.moe.num_experts, ol.moe.top_k) == (8, 2) and not ol.moe.renorm
     assert ol.qk_norm_full
+    q2 = _model("qwen2_moe.gguf").config  # expert_shared_feed_forward_length; never renorm
+    assert (q2.moe.num_experts, q2.moe.top_k, q2.moe.intermediate_size) == (8, 2, 32)
+    assert q2.moe.shared_intermediate_size == 48 and not q2.moe.renorm
+    assert (qm.moe.shared_intermediate_size, ol.moe.shared_intermediate_size) == (0, 0)
 
 
 def test_gemma_gguf_hyperparameters():
