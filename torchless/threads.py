@@ -9,6 +9,12 @@ import os
 # user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# OpenBLAS's own workers (prefill's matrix products) spin for ~2**28 cycles after each call
+# before they sleep; on two cores a spinning BLAS worker takes a core from the next decode
+# step's Numba loops (a served model decoded at a third of its speed after each prefill).
+# 2**4 cycles: they sleep at once. Read when NumPy loads OpenBLAS, so this only takes effect
+# when torchless is imported first (the CLI and the server always are); the user's wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numba  # noqa: E402
 
