@@ -59,6 +59,11 @@ def test_moe_kernels_match_reference(kind, E, k, T, router, renorm, act_quant, s
     layer = _layer(kind, E, H, inter, rng)
     cfg = SimpleNamespace(moe=MoeConfig(E, k, inter, router, renorm), activation="silu")
     x = rng.standard_normal((T, H)).astype(np.float32)
+    if kind in ("q4_1", "q5_1"):
+        # their q8_1 activations store each block's sum d * sum(q) as float16, as ggml does:
+        # random blocks' hidden activations (~1e5) would overflow it to inf, which the
+        # float reference never does; smaller inputs keep the sums in range
+        x *= np.float32(0.1)
     logits = x @ layer.w["ffn_gate_inp"].to_f32().T
     assume(_separated(logits, k))
     aq = act_quant and kind in QK
@@ -68,6 +73,11 @@ def test_moe_kernels_match_reference(kind, E, k, T, router, renorm, act_quant, s
                        "silu", aq)
     scale = float(np.abs(want).max()) + 1e-6
     tol = 2e-3 if aq else 2e-5
+    if aq and kind in ("q4_1", "q5_1"):
+        # the kernels add each block's min term m * s with ggml's float16 s, the reference
+        # m * sum(d * q) unrounded: up to ~2**-11 of the min terms, which random blocks make
+        # large against the result (a wrong row function is off by O(1), not by this)
+        tol = 1e-2
     got = kmoe.prefill_moe(x, layer, cfg, ko.ACT_SILU, aq, logits)
     assert float(np.abs(got - want).max()) <= tol * scale, "prefill"
     args = kmoe.pack_layer(layer, cfg, ko.ACT_SILU, aq)
