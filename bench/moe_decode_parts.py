@@ -34,7 +34,7 @@ def main(path):
         m.fast_forward(st, 5)
     layers, head, moe = m._decode_pack()
     first = next(i for i, a in enumerate(moe) if a is not None)
-    a = moe[first]
+    a = moe[first][:12]  # decode_moe's arguments (the rest: the shared expert's)
     H = m.config.hidden_size
     h = np.random.default_rng(0).standard_normal(H).astype(np.float32)
     out = np.empty(H, np.float32)

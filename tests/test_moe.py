@@ -169,3 +169,25 @@ def test_quantize_on_load_quantizes_experts_not_router():
     state = model.new_state()
     b = np.stack([model.fast_forward(state, t).copy() for t in ids])
     assert float(np.abs(a - b).max()) <= 1e-4 * float(np.abs(a).max())
+
+
+def test_qwen2_moe_shared_expert_in_the_fused_decode():
+    """Qwen2-MoE's decode runs the one-call fused layer with its shared expert, and the shared
+    expert matters: zeroing its gate's weights (sigmoid 0.5 instead of the trained gate)
+    changes the logits."""
+    d, r = _fixture("qwen2_moe")
+    ids = [int(t) for t in r["ids"]][:6]
+    model = torchless.ModelLoader.load_auto(d)
+    st = model.new_state()
+    model.prefill(st, ids[:-1])
+    fused = model.fast_forward(st, ids[-1]).copy()
+    assert model._packed, "the fused decode was not taken"
+    want = r["logits_full"][len(ids) - 1]
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(fused, want, rtol=0, atol=1e-4 * scale)
+    for layer in model.layers:
+        layer.w["ffn_gate_inp_shexp"].data[...] = 0
+    model._packed = None
+    st = model.new_state()
+    model.prefill(st, ids[:-1])
+    assert np.abs(model.fast_forward(st, ids[-1]) - fused).max() > 1e-3 * scale

@@ -403,13 +403,12 @@ class DecoderModel:
             kinds = np.full(7, kd.NONE, np.int64)
             ws, bs = [kd.weight_bytes(None)[1]] * 7, [kd.f32_vector(None)] * 7
             if "ffn_gate_inp" in layer.w:
-                if cfg.residual != "sequential" or "ffn_gate_inp_shexp" in layer.w or any(
+                if cfg.residual != "sequential" or any(
                         n in layer.b for n in kmoe.MOE_TENSORS):
-                    # (a shared expert: the per-op decode, which adds it in _mlp)
                     self._packed = False
                     return False
                 moe.append(kmoe.pack_layer(layer, cfg, ACT_CODES[cfg.activation],
-                                           self.act_quant))
+                                           self.act_quant) + kmoe.pack_shared(layer))
             else:
                 moe.append(None)
             for name, w in layer.w.items():

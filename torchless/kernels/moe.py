@@ -277,10 +277,34 @@ def decode_moe(h, rkind, rw, kinds, gates, ups, downs, k, router, renorm, act, a
 
 
 @njit(cache=True)
+def shared_expert(h, skinds, sg, su, sd, sgi, act, aq, nb, out):
+    """``out += sigmoid(sgi . h) * sd(act(sg h) * su h)``: Qwen2-MoE's shared expert, which
+    every token uses beside its routed experts (``skinds``: the kinds of gate, up, down and
+    the one-row gate ``sgi``)."""
+    Is = sg.shape[0]
+    g = np.empty(Is, np.float32)
+    u = np.empty(Is, np.float32)
+    kd.linear(skinds[0], sg, nb, h, g, aq)
+    kd.linear(skinds[1], su, nb, h, u, aq)
+    a = np.empty(Is, np.float32)
+    ko._gated_row(g, u, act, a)
+    H = out.shape[0]
+    y = np.empty(H, np.float32)
+    kd.linear(skinds[2], sd, nb, a, y, aq)
+    s = np.empty(1, np.float32)
+    kd.linear(skinds[3], sgi, nb, h, s, aq)
+    sig = np.float32(1) / (np.float32(1) + np.exp(-s[0]))
+    for i in range(H):
+        out[i] += y[i] * sig
+
+
+@njit(cache=True)
 def decode_layer_moe(x, ws, kinds, bs, ns, nbs, icfg, fcfg, kc, vc, pos, cos, sin, logn,
-                     rkind, rw, ekinds, gates, ups, downs, k, router, renorm, act, aq, nb):
+                     rkind, rw, ekinds, gates, ups, downs, k, router, renorm, act, aq, nb,
+                     skinds, sg, su, sd, sgi):
     """:func:`torchless.kernels.decode.decode_layer` for a mixture layer (sequential
-    residual): attention, then the chosen experts (``decode_moe``)."""
+    residual): attention, then the chosen experts (``decode_moe``) and, where ``skinds`` are
+    not NONE, the shared expert (``shared_expert``)."""
     H = x.shape[0]
     h = np.empty(H, np.float32)
     o = np.empty(H, np.float32)
@@ -290,6 +314,8 @@ def decode_layer_moe(x, ws, kinds, bs, ns, nbs, icfg, fcfg, kc, vc, pos, cos, si
     ko._norm_row(x, ns[kd.N_FFN], nbs[kd.N_FFN], fcfg[kd.F_EPS], icfg[kd.C_NORM], h)
     m = np.empty(H, np.float32)
     decode_moe(h, rkind, rw, ekinds, gates, ups, downs, k, router, renorm, act, aq, nb, m)
+    if skinds[0] != kd.NONE:
+        shared_expert(h, skinds, sg, su, sd, sgi, act, aq, nb, m)
     for i in range(H):
         x[i] += m[i]
 
@@ -316,6 +342,16 @@ def pack_layer(layer, cfg, act_code: int, act_quant: bool) -> tuple:
     lists = [p[1] for p in packed]
     return (rkind, rw, kinds, lists[0], lists[1], lists[2], m.top_k, ROUTER_CODES[m.router],
             bool(m.renorm), act_code, bool(act_quant), kd.f32_vector(None))
+
+
+SHARED_TENSORS = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "ffn_gate_inp_shexp")
+
+
+def pack_shared(layer) -> tuple:
+    """The shared-expert arguments of ``decode_layer_moe``: kinds (NONE where the layer has
+    no shared expert) and the four weights' bytes."""
+    packed = [kd.weight_bytes(layer.w.get(n)) for n in SHARED_TENSORS]
+    return (np.array([p[0] for p in packed], np.int64), *[p[1] for p in packed])
 
 
 # ---- prefill: tokens grouped by expert ------------------------------------------------------
@@ -431,4 +467,4 @@ def _prefill_moe_blas(h, ex, sel, wts, m, act_code):
     return out
 
 
-MOE_TENSORS = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+MOE_TENSORS = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps") + SHARED_TENSORS
