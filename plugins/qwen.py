@@ -262,4 +262,15 @@ def _qwen2_moe_gguf(g):
     return gguf_config("qwen", "qwen2_moe", g, moe=moe)
 
 
+def _qwen2_moe_fixup(canonical, w, cfg):
+    """llama.cpp stores the shared expert's gate (``ffn_gate_inp_shexp``, one row) as a
+    vector ``[n_embd]``: back to the ``[1, n_embd]`` matrix of the checkpoint (same buffer)."""
+    if canonical == "ffn_gate_inp_shexp" and len(w.shape) == 1:
+        from torchless.weights import Weight
+
+        return Weight(w.name, w.kind, (1, w.shape[0]), w.data.reshape(1, -1))
+    return w
+
+
 QWEN2_MOE.config_from_gguf = _qwen2_moe_gguf
+QWEN2_MOE.gguf_fixup = _qwen2_moe_fixup

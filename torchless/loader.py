@@ -81,8 +81,6 @@ def gather_tensors(params: Parameters, spec, cfg) -> dict:
                 if params.format == "gguf" and spec.gguf_fixup is not None:
                     w = spec.gguf_fixup(canon, w, cfg)
                     w.source = name
-                if canon == "ffn_gate_inp_shexp" and len(w.shape) == 1:
-                    w = _as_row(w)  # GGUF stores the shared expert's gate as a vector
                 out[f"{dst}.{suffix}"] = w
             elif suffix == "weight":
                 if canon == "output" and cfg.tie_embeddings:
@@ -114,15 +112,6 @@ def layer_has(cfg, canon: str, layer: int) -> bool:
     if canon in DENSE_FFN_NAMES:
         return not cfg.is_moe_layer(layer)
     return True
-
-
-def _as_row(w):
-    """A float vector weight ``[n]`` as the one-row matrix ``[1, n]`` (same buffer)."""
-    from .weights import Weight
-
-    out = Weight(w.name, w.kind, (1, w.shape[0]), w.data.reshape(1, -1))
-    out.source = getattr(w, "source", w.name)
-    return out
 
 
 def _experts(params: Parameters, spec, cfg, canon: str, src: str, shapes: dict):

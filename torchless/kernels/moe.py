@@ -221,7 +221,6 @@ def experts_matvec(kind, mats, sel, X, out, aq, nb):
     one parallel loop. ``X`` has one row (shared input) or one per chosen expert."""
     k = sel.shape[0]
     rows = out.shape[1]
-    cols = X.shape[1]
     nch = (rows + _CHUNK - 1) // _CHUNK
     quant = kind != kd.F32 and kind != kd.F16 and kind != kd.BF16
     nx = X.shape[0]
@@ -364,7 +363,6 @@ def grouped_matmul(kind, mats, items, starts, order, xrow, X, out):
     read from memory once and multiplied with every token routed to it, so each expert's
     weights are read once per batch. Float kinds and block kinds with 8-bit activations."""
     rows = out.shape[1]
-    cols = X.shape[1]
     nx = X.shape[0]
     quant = kind != kd.F32 and kind != kd.F16 and kind != kd.BF16
     if quant:
