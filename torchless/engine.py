@@ -30,6 +30,7 @@ ACT_CODES = {"silu": ko.ACT_SILU, "gelu_tanh": ko.ACT_GELU_TANH, "gelu": ko.ACT_
 
 BLAS_ATTENTION_MIN_T = 16  # prefill chunks at least this long use BLAS for attention
 
+
 NORM_NAMES = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "output_norm",
               "attn_q_norm", "attn_k_norm")
 
@@ -675,10 +676,17 @@ class _FastOps:
     def __init__(self, act_quant: bool = False):
         self.act_quant = act_quant
         self._memo = (None, None, None)  # (weakref to x, activation format, round trip)
+        self._acts = kb.ActCache()
 
     def linear(self, x, w, b):
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.act_quant and x.shape[0] > 1 and km.quant_q8.supports(w.kind):
+        T = x.shape[0]
+        if self.act_quant and 1 < T <= kb.short_rows(w.kind):
+            # a short chunk: 8-bit activations against the weight's blocks, each block read
+            # once for all rows (the decode's row products); longer ones widen the weight to
+            # float32 tile by tile for BLAS, whose fixed cost a short prompt does not repay
+            out = kb.linear_rows(w, x, True, self._acts)
+        elif self.act_quant and T > 1 and km.quant_q8.supports(w.kind):
             # batched: the activations' 8-bit round trip, once per input (q, k and v share it)
             fmt = km.quant_q8.ACT_FORMAT[w.kind] == "q8_k"  # q8_0 and q8_1: the same x
             ref_x, memo_fmt, deq = self._memo
@@ -776,10 +784,6 @@ class _Slots:
 class _BatchOps(_FastOps):
     """The Numba ops for a batch of sequences (one row each): products whose rows do not
     depend on one another (``kernels.batch``) and attention over one cache per row."""
-
-    def __init__(self, act_quant: bool = False):
-        super().__init__(act_quant)
-        self._acts = kb.ActCache()
 
     def linear(self, x, w, b):
         x = np.ascontiguousarray(x, dtype=np.float32)

@@ -432,6 +432,22 @@ class ActCache:
         return self._val
 
 
+# Up to how many rows the batched 8-bit products beat widening the weight to float32 for BLAS
+# (prefill of a short prompt, kernels chosen by DecoderModel's ops): measured on SmolLM2 Q4_1
+# and Gemma 3 270M Q4_K_M prefill (bench/short_prefill.py, BENCHMARKS.md): the tiled kinds,
+# which unpack a block once for NB rows, win up to ~96 rows, the others up to ~32.
+SHORT_ROWS_TILED = 64
+SHORT_ROWS_OTHER = 24
+
+
+def short_rows(kind: str) -> int:
+    """The longest chunk for which prefill uses the batched 8-bit products on ``kind``
+    weights (0: never, no such kernel)."""
+    if kind not in _Q8ACT:
+        return 0
+    return SHORT_ROWS_TILED if kind in _TILES else SHORT_ROWS_OTHER
+
+
 def linear_rows(w: Weight, X: np.ndarray, act_quant: bool = False,
                 cache: ActCache | None = None) -> np.ndarray:
     """``X @ W.T`` for ``X [B, in]`` (float32, C-contiguous): row b bit for bit what
