@@ -197,29 +197,36 @@ def quantize_rows_q8_k(X, xd, xq, bsums):
 
 
 def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
-    """An intrinsic ``f(u0, u1, XQ, XD, XS, b0, res)``: ``res[2 * j + k]`` = the dot product of
-    weight row ``u_k`` (bytes of ``bpb``-byte blocks) with activation row ``b0 + j``
-    (``XQ [B, n]`` int8, ``XD [B, n/32]``; ``XS [B, n/32]``, the q8_1 sums, when
-    ``with_min``), j < NB: the weight blocks are loaded and unpacked once for NB activation
-    rows; each pair's arithmetic is that of ``quant_q8._make_rows2`` with the same
-    ``weights``, ``signed`` and ``with_min``."""
-    I8, I32, I64 = q8._I8, q8._I32, q8._I64
+    """An intrinsic ``f(u0, u1, XQ, XD, XST, b0, res)``: ``res[2 * j + k]`` = the dot product
+    of weight row ``u_k`` (bytes of ``bpb``-byte blocks) with activation row ``b0 + j``
+    (``XQ [B, n]`` int8, ``XD [B, n/32]``; when ``with_min`` the q8_1 sums transposed,
+    ``XST [n/32, B]``), j < NB: the weight blocks are loaded and unpacked once for NB
+    activation rows; each pair's arithmetic is that of ``quant_q8._make_rows2`` with the same
+    ``weights``, ``signed`` and ``with_min`` (the same float operations per lane).
 
-    def impl(typingctx, u0, u1, XQ, XD, XS, b0, res):
+    The pair's block scale ``d_w * d_x`` is multiplied as a vector of 8 equal lanes (a
+    broadcast of ``d_w`` per weight block, ``d_x`` broadcast from memory), not broadcast
+    from a scalar product per pair: on x86 a register broadcast is a shuffle, and shuffles
+    have one port where the multiply has two. The 2 x NB min terms are one vector multiply."""
+    I8, I32, I64 = q8._I8, q8._I32, q8._I64
+    assert NB == 4  # one <8 x float> holds the 2 x NB scales: lane 4k + j
+
+    def impl(typingctx, u0, u1, XQ, XD, XST, b0, res):
         if not (isinstance(u0, types.Array) and u0.ndim == 1 and u0.dtype == types.uint8
                 and isinstance(u1, types.Array) and u1.ndim == 1 and u1.dtype == types.uint8
                 and isinstance(XQ, types.Array) and XQ.ndim == 2 and XQ.dtype == types.int8
                 and isinstance(XD, types.Array) and XD.ndim == 2
                 and XD.dtype == types.float32 and isinstance(b0, types.Integer)
-                and isinstance(XS, types.Array) and XS.ndim == 2
-                and XS.dtype == types.float32
+                and isinstance(XST, types.Array) and XST.ndim == 2
+                and XST.dtype == types.float32
                 and isinstance(res, types.Array) and res.dtype == types.float32):
             return None
-        sig = types.void(u0, u1, XQ, XD, XS, b0, res)
+        sig = types.void(u0, u1, XQ, XD, XST, b0, res)
 
         def codegen(context, builder, sig, args):
             f32 = ir.FloatType()
             v8f = q8._vec(f32, 8)
+            v4f = q8._vec(f32, 4)
             i8p = ir.IntType(8).as_pointer()
             a0 = context.make_array(sig.args[0])(context, builder, value=args[0])
             p0 = a0.data
@@ -227,25 +234,43 @@ def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
             nbytes = cgutils.unpack_tuple(builder, a0.shape)[0]
             nb = builder.udiv(nbytes, ir.Constant(nbytes.type, bpb))
             b0v = context.cast(builder, args[5], sig.args[5], types.intp)
-            xrows, drows, srows = [], [], []
-            for arg, lst in ((2, xrows), (3, drows), (4, srows)):
+            xrows, drows = [], []
+            for arg, lst in ((2, xrows), (3, drows)):
                 arr = context.make_array(sig.args[arg])(context, builder, value=args[arg])
                 st0 = cgutils.unpack_tuple(builder, arr.strides)[0]
                 base = builder.bitcast(arr.data, i8p)
                 for j in range(NB):
                     off = builder.mul(builder.add(b0v, ir.Constant(b0v.type, j)), st0)
                     lst.append(builder.bitcast(builder.gep(base, [off]), arr.data.type))
+            # XST: pointer to [block 0, b0] and the block stride in bytes
+            arr = context.make_array(sig.args[4])(context, builder, value=args[4])
+            tcol = (builder.gep(builder.bitcast(arr.data, i8p), [builder.mul(
+                b0v, ir.Constant(b0v.type, 4))]), cgutils.unpack_tuple(builder, arr.strides)[0])
+
+            def splat(v):
+                u = builder.insert_element(ir.Constant(v8f, None), v, ir.Constant(I32, 0))
+                return q8._shuf(builder, u, u, [0] * 8)
+
+            def four(col, b):  # <8 x float> (v[b0 .. b0+3], v[b0 .. b0+3]) of block b
+                base, st0 = col
+                v = q8._load(builder, builder.gep(base, [builder.mul(b, st0)]), f32, 4)
+                return q8._shuf(builder, v, v, [0, 1, 2, 3] * 2)
+
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(v8f, [v8f, v8f, v8f]), "llvm.fma.v8f32")
             zero = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(2)]
                     for _ in range(NB)]
-            mins = [[cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in "01"]
-                    for _ in range(NB)]
+            mins = cgutils.alloca_once_value(builder, zero)  # lane 4k + j
 
             def half(ptr):
                 h = builder.load(builder.bitcast(ptr, ir.IntType(16).as_pointer()), align=1)
                 return builder.fpext(builder.bitcast(h, ir.HalfType()), f32)
+
+            def pair_vec(a, b):  # <8 x float> (a, a, a, a, b, b, b, b)
+                v = builder.insert_element(ir.Constant(v4f, None), a, ir.Constant(I32, 0))
+                v = builder.insert_element(v, b, ir.Constant(I32, 1))
+                return q8._shuf(builder, v, v, [0] * 4 + [1] * 4)
 
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
@@ -259,31 +284,28 @@ def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
                     dws.append(half(pb))
                     if with_min:
                         mws.append(half(q8._at(builder, pb, 2)))
+                dwv = [splat(d) for d in dws]
+                if with_min:  # lane 4k + j: m_w(k) * s_x(j), as the one-row kernel per pair
+                    builder.store(builder.fadd(builder.load(mins), builder.fmul(
+                        pair_vec(mws[0], mws[1]), four(tcol, b))), mins)
                 xo = builder.mul(b, ir.Constant(b.type, 32))
                 for j in range(NB):
                     xv = q8._load(builder, builder.gep(xrows[j], [xo]), I8, 32)
-                    xd_b = builder.load(builder.gep(drows[j], [b]))
-                    if with_min:
-                        xs_b = builder.load(builder.gep(srows[j], [b]))
+                    xdv = splat(builder.load(builder.gep(drows[j], [b])))
                     for k in range(2):
                         lanes = q8._dot4(builder, ws[k], xv, signed)
-                        sc = builder.fmul(dws[k], xd_b)
-                        scv = builder.insert_element(ir.Constant(v8f, None), sc,
-                                                     ir.Constant(I32, 0))
-                        scv = q8._shuf(builder, scv, scv, [0] * 8)
+                        scv = builder.fmul(dwv[k], xdv)  # d_w(k) * d_x(j) in every lane
                         acc = accs[j][k]
                         builder.store(builder.call(fma, [builder.sitofp(lanes, v8f), scv,
                                                          builder.load(acc)]), acc)
-                        if with_min:
-                            ms = builder.fmul(mws[k], xs_b)
-                            builder.store(builder.fadd(builder.load(mins[j][k]), ms),
-                                          mins[j][k])
             pr = q8._data_ptr(context, builder, sig, args, 6)
+            mv = builder.load(mins)
             for j in range(NB):
                 for k in range(2):
                     v = _lane_tree(builder, builder.load(accs[j][k]))
                     if with_min:
-                        v = builder.fadd(v, builder.load(mins[j][k]))
+                        v = builder.fadd(v, builder.extract_element(
+                            mv, ir.Constant(I32, 4 * k + j)))
                     builder.store(v, q8._at(builder, pr, 2 * j + k))
             return context.get_dummy_value()
 
@@ -312,6 +334,7 @@ def _tiled_template(data, xd, xq, xs, out):
     """``out[b, r]`` = row r of ``data`` . activation row b (xd[b], xq[b]), NB rows a tile."""
     rows = data.shape[0]
     B = xq.shape[0]
+    xst = np.ascontiguousarray(xs.T)  # [blocks, B]: a tile's NB sums of a block in one load
     for ch in prange((rows + _C - 1) // _C):  # noqa: F821 (bound per kind)
         res = np.empty(2, np.float32)
         tile = np.empty(2 * _NB, np.float32)  # noqa: F821
@@ -319,7 +342,7 @@ def _tiled_template(data, xd, xq, xs, out):
         for r in range(ch * _C, end, 2):  # noqa: F821
             r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
             for b0 in range(0, B - B % _NB, _NB):  # noqa: F821
-                _tile(data[r], data[r1], xq, xd, xs, b0, tile)  # noqa: F821
+                _tile(data[r], data[r1], xq, xd, xst, b0, tile)  # noqa: F821
                 for j in range(_NB):  # noqa: F821
                     out[b0 + j, r] = tile[2 * j]
                     out[b0 + j, r1] = tile[2 * j + 1]
