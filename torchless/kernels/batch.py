@@ -390,7 +390,8 @@ def _rows2_batch_template(data, xd, xq, xs, out):
 
 
 def _k16_batch_template(data, xd, x16, bsums, out):
-    """``out[b, r]`` for the k-quants whose row function takes the q8_K quants as int16."""
+    """``out[b, r]`` for the k-quants whose row function takes the q8_K quants as integers
+    (int16, or int8 permuted for q4_k / q5_k)."""
     rows = data.shape[0]
     B = x16.shape[0]
     for ch in prange((rows + _C - 1) // _C):  # noqa: F821
@@ -423,8 +424,8 @@ for _kind, (_fn, _shape) in q8.ROW_FNS.items():
         else:
             _k = kq._generate(_rows2_batch_template, _name, _C=q8._CHUNK, _rows2=_fn)
     else:
-        _variant = "q8_k16" if _shape == "k16" else "q8_kf"
-        _k = kq._generate(_k16_batch_template if _shape == "k16" else _kf_batch_template,
+        _variant = {"k16": "q8_k16", "k8": "q8_k8"}.get(_shape, "q8_kf")
+        _k = kq._generate(_kf_batch_template if _shape == "kf" else _k16_batch_template,
                           _name, _C=q8._CHUNK, _row=_fn)
     _Q8ACT[_kind] = (_k, _variant)
     globals()[_name] = _k
@@ -457,6 +458,8 @@ def quantize_rows(kind: str, X: np.ndarray) -> tuple:
     xq = np.empty((B, n), np.int8)
     bsums = np.empty((B, n // 16), np.int16)
     quantize_rows_q8_k(X, xd, xq, bsums)
+    if variant == "q8_k8":
+        return xd, q8.permute_k8(xq), bsums
     return xd, xq.astype(np.int16 if variant == "q8_k16" else np.float32), bsums
 
 

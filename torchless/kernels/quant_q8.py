@@ -392,8 +392,9 @@ def quantize_q8_k_act(x):
 # ----------------------------------------------------------------------------------------
 # The intrinsics below emit LLVM vector IR. The byte dot products go through ``_dot4``
 # (vpdpbusd / vpmaddubsw on x86, plain widening multiplies elsewhere); the k-quants,
-# whose reference keeps per-lane sums (element e -> lane e % 8), multiply in int16 with
-# activations widened to int16 once per product (``x16``).
+# whose reference keeps per-lane sums (element e -> lane e % 8), take the activations
+# permuted so that byte products sum those lanes (q4_k, q5_k: ``x8``) or widened to int16
+# once per product (q6_k: ``x16``).
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
@@ -649,10 +650,19 @@ def _k4_scales_mins(builder, p):
     )
 
 
+# Within each 32 elements, position 4l + k holds element 8k + l (l < 8, k < 4): the 4-byte
+# groups of vpdpbusd / vpmaddubsw + vpmaddwd then sum exactly the elements of the
+# reference's lane l (e % 8), so the k4 kinds' lanes keep the reference's integers.
+K8_PERM = [8 * (i % 4) + i // 4 for i in range(32)]
+
+
 def _k4_block(with_high):
-    """Codegen of ``f(u, o, x16, xo, bsums, bo, aux) -> msum`` for the q4_k / q5_k block at
+    """Codegen of ``f(u, o, x8, xo, bsums, bo, aux) -> msum`` for the q4_k / q5_k block at
     byte ``o`` of ``u``: ``aux[l] = sum_s sc[s] * sum_k w[32s + 8k + l] * x[32s + 8k + l]``
-    (the reference's eight lanes) and ``msum = sum_j bsums[bo + j] * m[j // 2]``."""
+    (the reference's eight lanes) and ``msum = sum_j bsums[bo + j] * m[j // 2]``. ``x8``
+    holds the q8_K quants with each 32 permuted by ``K8_PERM`` (:func:`permute_k8`); each
+    sub-block's weights get the same permutation, then one byte product per 4-element lane
+    group (vpmaddubsw, then vpmaddwd by the sub-block scale, on x86)."""
 
     def codegen(context, builder, sig, args):
         p = _arg_ptr(context, builder, sig, args, 0)
@@ -661,21 +671,26 @@ def _k4_block(with_high):
         qoff = 48 if with_high else 16
         qh = None
         if with_high:
-            qh = _widen(builder, _load(builder, _at(builder, p, 16), _I8, 32), _I16, False)
+            qh = _load(builder, _at(builder, p, 16), _I8, 32)
         acc = None
         for i in range(4):
             q = _load(builder, _at(builder, p, qoff + 32 * i), _I8, 32)
-            lanes = []
-            for half, w in enumerate(_nibbles16(builder, q)):
+            for half, w in enumerate(_lo_hi(builder, q)):
                 s = 2 * i + half
                 if with_high:
-                    w = builder.or_(w, _bits16(builder, qh, s, 1))
-                prod = builder.mul(w, _load(builder, _at(builder, px, 32 * s), _I16, 32))
-                lanes.append(_fold8(builder, prod))
-            sa = builder.extract_element(sc, ir.Constant(_I32, 2 * i))
-            sb = builder.extract_element(sc, ir.Constant(_I32, 2 * i + 1))
-            t = _scaled_pair(builder, lanes[0], lanes[1], sa, sb)
-            acc = t if acc is None else builder.add(acc, t)
+                    hb = builder.lshr(qh, _splat_const(_I8, 32, s)) if s else qh
+                    w = builder.or_(w, builder.shl(builder.and_(hb, _splat_const(_I8, 32, 1)),
+                                                   _splat_const(_I8, 32, 4)))
+                w = _shuf(builder, w, w, K8_PERM)
+                x = _load(builder, _at(builder, px, 32 * s), _I8, 32)
+                scs = builder.extract_element(sc, ir.Constant(_I32, s))
+                if ISA == "generic":
+                    t = builder.mul(_dot4(builder, w, x, False),
+                                    builder.sext(_splat(builder, scs, 8), _vec(_I32, 8)))
+                else:  # pair sums <= 2 * 31 * 127: vpmaddubsw cannot saturate
+                    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [w, x])
+                    t = _pmadd(builder, pairs, _splat(builder, scs, 16))
+                acc = t if acc is None else builder.add(acc, t)
         _store(builder, _data_ptr(context, builder, sig, args, 6), acc)
         bs = _load(builder, _arg_ptr(context, builder, sig, args, 4), _I16, 16)
         mins = _shuf(builder, mn, mn, [j // 2 for j in range(16)])
@@ -684,10 +699,15 @@ def _k4_block(with_high):
     return codegen
 
 
+def _splat(builder, v, n):
+    u = builder.insert_element(ir.Constant(_vec(v.type, n), None), v, ir.Constant(_I32, 0))
+    return _shuf(builder, u, u, [0] * n)
+
+
 def _k4_sig(u, o, x, xo, bsums, bo, aux):
     if not (
         _is_array(u, types.uint8)
-        and _is_array(x, types.int16)
+        and _is_array(x, types.int8)
         and _is_array(bsums, types.int16)
         and _is_array(aux, types.int32)
         and _is_int(o, xo, bo)
@@ -766,7 +786,7 @@ def _aux_q6_k(typingctx, u, o, x, xo, aux):
 
 
 @njit(inline="always", cache=True)
-def _row_k4(u, xd, x16, bsums, aux, sums, bpb, with_high):
+def _row_k4(u, xd, x8, bsums, aux, sums, bpb, with_high):
     for l in range(8):
         sums[l] = 0
     sumf = _F32(0)
@@ -774,9 +794,9 @@ def _row_k4(u, xd, x16, bsums, aux, sums, bpb, with_high):
         o = b * bpb
         prefetch(u, o + PREFETCH_BYTES)
         if with_high:
-            msum = _blk_q5_k(u, o, x16, b * 256, bsums, b * 16, aux)
+            msum = _blk_q5_k(u, o, x8, b * 256, bsums, b * 16, aux)
         else:
-            msum = _blk_q4_k(u, o, x16, b * 256, bsums, b * 16, aux)
+            msum = _blk_q4_k(u, o, x8, b * 256, bsums, b * 16, aux)
         d = _h2f(u[o], u[o + 1]) * xd[b]
         for l in range(8):
             sums[l] += d * _F32(aux[l])
@@ -985,9 +1005,33 @@ def _rows_k_template(data, xd, xq, bsums, out):
             out[r] = _row(data[r], xd, x16, bsums, aux, sums)  # noqa: F821 (bound per kind)
 
 
+@njit(cache=True)
+def permute_k8(xq):
+    """q8_K quants ``[..., n]`` (int8, n % 32 == 0) with each 32 permuted by ``K8_PERM``, as
+    the q4_k / q5_k row functions read them."""
+    flat = xq.reshape(-1)
+    out = np.empty(flat.shape[0], np.int8)
+    for c in range(0, flat.shape[0], 32):
+        for i in range(32):
+            out[c + i] = flat[c + 8 * (i % 4) + i // 4]
+    return out.reshape(xq.shape)
+
+
+def _rows_k8_template(data, xd, xq, bsums, out):
+    """out[r] = row r of ``data`` . the q8_K activations, quants permuted (q4_k / q5_k)."""
+    rows = data.shape[0]
+    x8 = _permute(xq)  # noqa: F821 (bound: permute_k8)
+    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
+        aux = np.empty(8, np.int32)
+        sums = np.empty(8, np.float32)
+        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
+            out[r] = _row(data[r], xd, x8, bsums, aux, sums)  # noqa: F821 (bound per kind)
+
+
 MATVEC_Q8ACT: dict = {}
 # kind -> (its row function, how that function takes the activations: "rows2" for the
-# 32-element kinds' two-row intrinsics, "k16" for q8_K quants as int16, "kf" as float32)
+# 32-element kinds' two-row intrinsics, "k16" for q8_K quants as int16, "k8" as int8
+# permuted by K8_PERM, "kf" as float32)
 ROW_FNS: dict = {}
 
 
@@ -997,8 +1041,9 @@ def _register(kind: str, act: str, fn, template=None) -> None:
     by default :func:`_rows_k_template`); generates ``matvec_q8act_<kind>``."""
     ACT_FORMAT[kind] = act
     if act == "q8_k":
-        template, bound = template or _rows_k_template, {"_row": fn}
-        ROW_FNS[kind] = (fn, "k16" if template is _rows_k_template else "kf")
+        template, bound = template or _rows_k_template, {"_row": fn, "_permute": permute_k8}
+        ROW_FNS[kind] = (fn, {_rows_k_template: "k16", _rows_k8_template: "k8"}.get(
+            template, "kf"))
     else:
         template, bound = _rows2_template, {"_rows2": fn}
         ROW_FNS[kind] = (fn, "rows2")
@@ -1021,17 +1066,17 @@ _register("q5_0", "q8_0", _rows2_q5_0)
 
 
 @njit(inline="always", cache=True)
-def _row_q4_k(u, xd, x16, bsums, aux, sums):
-    return _row_k4(u, xd, x16, bsums, aux, sums, 144, False)
+def _row_q4_k(u, xd, x8, bsums, aux, sums):
+    return _row_k4(u, xd, x8, bsums, aux, sums, 144, False)
 
 
 @njit(inline="always", cache=True)
-def _row_q5_k(u, xd, x16, bsums, aux, sums):
-    return _row_k4(u, xd, x16, bsums, aux, sums, 176, True)
+def _row_q5_k(u, xd, x8, bsums, aux, sums):
+    return _row_k4(u, xd, x8, bsums, aux, sums, 176, True)
 
 
-_register("q4_k", "q8_k", _row_q4_k)
-_register("q5_k", "q8_k", _row_q5_k)
+_register("q4_k", "q8_k", _row_q4_k, _rows_k8_template)
+_register("q5_k", "q8_k", _row_q5_k, _rows_k8_template)
 _register("q6_k", "q8_k", _row_q6_k)
 
 
