@@ -389,17 +389,17 @@ def _rows2_batch_template(data, xd, xq, xs, out):
                 out[b, r1] = res[1]
 
 
-def _k16_batch_template(data, xd, x16, bsums, out):
-    """``out[b, r]`` for the k-quants whose row function takes the q8_K quants as integers
-    (int16, or int8 permuted for q4_k / q5_k)."""
+def _k8_batch_template(data, xd, x8, bsums, out):
+    """``out[b, r]`` for the k-quants whose row function takes the q8_K quants as int8,
+    permuted (q4_k, q5_k, q6_k)."""
     rows = data.shape[0]
-    B = x16.shape[0]
+    B = x8.shape[0]
     for ch in prange((rows + _C - 1) // _C):  # noqa: F821
         aux = np.empty(8, np.int32)
         sums = np.empty(8, np.float32)
         for r in range(ch * _C, min(rows, ch * _C + _C)):  # noqa: F821
             for b in range(B):
-                out[b, r] = _row(data[r], xd[b], x16[b], bsums[b], aux, sums)  # noqa: F821
+                out[b, r] = _row(data[r], xd[b], x8[b], bsums[b], aux, sums)  # noqa: F821
 
 
 def _kf_batch_template(data, xd, xf, bsums, out):
@@ -424,8 +424,8 @@ for _kind, (_fn, _shape) in q8.ROW_FNS.items():
         else:
             _k = kq._generate(_rows2_batch_template, _name, _C=q8._CHUNK, _rows2=_fn)
     else:
-        _variant = {"k16": "q8_k16", "k8": "q8_k8"}.get(_shape, "q8_kf")
-        _k = kq._generate(_kf_batch_template if _shape == "kf" else _k16_batch_template,
+        _variant = {"k8": "q8_k8", "k6": "q8_k6"}.get(_shape, "q8_kf")
+        _k = kq._generate(_kf_batch_template if _shape == "kf" else _k8_batch_template,
                           _name, _C=q8._CHUNK, _row=_fn)
     _Q8ACT[_kind] = (_k, _variant)
     globals()[_name] = _k
@@ -441,8 +441,8 @@ def quantize_rows_q8_1(X, xd, xq, xs):
 def quantize_rows(kind: str, X: np.ndarray) -> tuple:
     """The rows of ``X [B, n]`` in the 8-bit activation format of weights of ``kind``, as
     that kind's batched kernel takes them: ``(xd, xq, xs)`` for the 32-element kinds (``xs``
-    empty unless q8_1); ``(xd, quants, bsums)`` for the k-quants, the quants widened to int16
-    or float32 as the kind's row function reads them."""
+    empty unless q8_1); ``(xd, quants, bsums)`` for the k-quants, the quants permuted (int8)
+    or as float32, as the kind's row function reads them."""
     B, n = X.shape
     variant = _Q8ACT[kind][1]
     if variant in ("q8_0", "q8_1"):
@@ -458,9 +458,9 @@ def quantize_rows(kind: str, X: np.ndarray) -> tuple:
     xq = np.empty((B, n), np.int8)
     bsums = np.empty((B, n // 16), np.int16)
     quantize_rows_q8_k(X, xd, xq, bsums)
-    if variant == "q8_k8":
-        return xd, q8.permute_k8(xq), bsums
-    return xd, xq.astype(np.int16 if variant == "q8_k16" else np.float32), bsums
+    if variant in ("q8_k8", "q8_k6"):
+        return xd, (q8.permute_k8 if variant == "q8_k8" else q8.permute_k6)(xq), bsums
+    return xd, xq.astype(np.float32), bsums
 
 
 class ActCache:

@@ -142,8 +142,8 @@ def _quant_rows(kind, w, r0, r1, xd, xq, xs, x16, xf, bsums, out):
     """``out[r]`` for rows ``r0:r1`` of a block-quantized weight against 8-bit activations:
     the decode product's row functions (:mod:`quant_q8`), so a row has the decode's bits.
     ``(xd, xq[, xs])`` are q8_0/q8_1 activations for the 32-element kinds; for the k-quants
-    q8_K ``(xd, bsums)`` with the quants as int16 ``x16`` and float32 ``xf`` (q4_k / q5_k:
-    ``xq`` permuted by ``quant_q8.K8_PERM``)."""
+    q8_K ``(xd, bsums)`` with the quants as float32 ``xf`` or, for q4_k, q5_k and q6_k, as
+    ``xq`` permuted by ``quant_q8.K8_PERM`` / ``K6_PERM`` (``x16``: unused, empty)."""
     if _act_format(kind) != ACT_Q8_K:
         res = np.empty(2, np.float32)
         for r in range(r0, r1, 2):
@@ -173,7 +173,7 @@ def _quant_rows(kind, w, r0, r1, xd, xq, xs, x16, xf, bsums, out):
             elif kind == kd.Q5_K:
                 out[r] = q8._row_k4(w[r], xd, xq, bsums, aux, sums, 176, True)
             elif kind == kd.Q6_K:
-                out[r] = q8._row_q6_k(w[r], xd, x16, bsums, aux, sums)
+                out[r] = q8._row_q6_k(w[r], xd, xq, bsums, aux, sums)
             elif kind == kd.Q2_K:
                 out[r] = q8._rowf_q2_k(w[r], xd, xf, bsums, lanes)
             elif kind == kd.Q3_K:
@@ -204,11 +204,11 @@ def _quantize_inputs(kind, X):
             q8._q8_1_act_x86_into(X[j], XD[j], XQ[j], XS[j])
         else:
             q8._q8_k_act_into(X[j], XD[j], XQ[j], BS[j])
-    if kind == kd.Q4_K or kind == kd.Q5_K:  # their rows read the quants permuted
-        return XD, q8.permute_k8(XQ), XS, np.empty((nx, 0), np.int16), \
-            np.empty((nx, 0), np.float32), BS
+    if kind == kd.Q4_K or kind == kd.Q5_K or kind == kd.Q6_K:  # rows read them permuted
+        XP = q8.permute_k6(XQ) if kind == kd.Q6_K else q8.permute_k8(XQ)
+        return XD, XP, XS, np.empty((nx, 0), np.int16), np.empty((nx, 0), np.float32), BS
     if fmt == ACT_Q8_K:
-        return XD, XQ, XS, XQ.astype(np.int16), XQ.astype(np.float32), BS
+        return XD, XQ, XS, np.empty((nx, 0), np.int16), XQ.astype(np.float32), BS
     return XD, XQ, XS, np.empty((nx, 0), np.int16), np.empty((nx, 0), np.float32), BS
 
 

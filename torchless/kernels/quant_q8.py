@@ -55,9 +55,11 @@ and the float order fixed, so every tier gives the same bits. Details:
 
 * 32-element kinds: one intrinsic runs a whole pair of rows (its own LLVM loop over the
   blocks, one 8-lane accumulator per row), sharing each activation load between the rows.
-* k-quants: products in int16 (activations widened once per product), folded into the
-  reference's eight lanes ``e % 8`` and scaled with ``vpmaddwd``; scales and the min term
-  in scalar code.
+* q4_k / q5_k / q6_k: the activations permuted once per product (``K8_PERM`` /
+  ``K6_PERM``) and each sub-block's weights the same way (one byte shuffle), so that the
+  byte products' 4-element (``vpmaddubsw`` + ``vpmaddwd``) groups sum exactly the
+  reference's eight lanes ``e % 8``, scaled by ``vpmaddwd``; scales and the min term in
+  scalar code. The other k-quants: integer sums in float32 lanes.
 
 Like the kernels of :mod:`torchless.kernels.quant`, these take read-only C-contiguous uint8
 ``data`` [rows, bytes_per_row] and int8 activation quants in [-127, 127] (what the
@@ -393,8 +395,7 @@ def quantize_q8_k_act(x):
 # The intrinsics below emit LLVM vector IR. The byte dot products go through ``_dot4``
 # (vpdpbusd / vpmaddubsw on x86, plain widening multiplies elsewhere); the k-quants,
 # whose reference keeps per-lane sums (element e -> lane e % 8), take the activations
-# permuted so that byte products sum those lanes (q4_k, q5_k: ``x8``) or widened to int16
-# once per product (q6_k: ``x16``).
+# permuted once per product so that byte products sum exactly those lanes (``x8``).
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
@@ -731,13 +732,21 @@ def _blk_q5_k(typingctx, u, o, x, xo, bsums, bo, aux):
     return None if sig is None else (sig, _k4_block(True))
 
 
+# q6_k's lanes are per 16-element sub-block j: lane l = elements 16j + l and 16j + 8 + l.
+# Within each 32 elements (sub-blocks 2i, 2i + 1), position 4l + 2a + k holds element
+# 16a + 8k + l: a vpmaddubsw pair is then one lane of one sub-block, and vpmaddwd by the
+# two sub-blocks' scales adds lane l of both, as the reference does.
+K6_PERM = [16 * ((i % 4) // 2) + 8 * (i % 2) + i // 4 for i in range(32)]
+
+
 @intrinsic
 def _aux_q6_k(typingctx, u, o, x, xo, aux):
     """aux[l] = sum_j sc[j] * sum_{k<2} w[16j + 8k + l] * x[16j + 8k + l] for the q6_k block
-    at u[o:o+210] (int8 sub-block scales sc[16] at byte 192, w = 6-bit quant - 32)."""
+    at u[o:o+210] (int8 sub-block scales sc[16] at byte 192, w = 6-bit quant - 32); ``x``
+    holds the q8_K quants with each 32 permuted by ``K6_PERM`` (:func:`permute_k6`)."""
     if not (
         _is_array(u, types.uint8)
-        and _is_array(x, types.int16)
+        and _is_array(x, types.int8)
         and _is_array(aux, types.int32)
         and _is_int(o, xo)
     ):
@@ -748,41 +757,55 @@ def _aux_q6_k(typingctx, u, o, x, xo, aux):
         p = _arg_ptr(context, builder, sig, args, 0)
         px = _arg_ptr(context, builder, sig, args, 2)
         scales = _widen(builder, _load(builder, _at(builder, p, 192), _I8, 16), _I16, True)
-        m32 = _splat_const(_I16, 32, 32)
+
+        def c8(v):
+            return _splat_const(_I8, 32, v)
+
+        def bits(h, shift):  # ((h >> shift) & 3) << 4 on bytes
+            v = builder.lshr(h, c8(shift)) if shift else h
+            return builder.shl(builder.and_(v, c8(3)), c8(4))
+
         acc = None
         for h in range(2):
-            lo0, hi0 = _nibbles16(builder, _load(builder, _at(builder, p, 64 * h), _I8, 32))
-            lo1, hi1 = _nibbles16(builder, _load(builder, _at(builder, p, 64 * h + 32), _I8, 32))
-            qh = _widen(
-                builder, _load(builder, _at(builder, p, 128 + 32 * h), _I8, 32), _I16, False
-            )
-            parts = [
-                builder.or_(lo0, _bits16(builder, qh, 0, 3)),
-                builder.or_(lo1, _bits16(builder, qh, 2, 3)),
-                builder.or_(hi0, _bits16(builder, qh, 4, 3)),
-                builder.or_(hi1, _bits16(builder, qh, 6, 3)),
-            ]
-            for k, w in enumerate(parts):
-                x = _load(builder, _at(builder, px, 128 * h + 32 * k), _I16, 32)
-                prod = builder.mul(builder.sub(w, m32), x)
-                la = _fold8(builder, _slice(builder, prod, 0, 16))
-                lb = _fold8(builder, _slice(builder, prod, 16, 16))
+            ql0 = _load(builder, _at(builder, p, 64 * h), _I8, 32)
+            ql1 = _load(builder, _at(builder, p, 64 * h + 32), _I8, 32)
+            qh = _load(builder, _at(builder, p, 128 + 32 * h), _I8, 32)
+            lo0, hi0 = _lo_hi(builder, ql0)
+            lo1, hi1 = _lo_hi(builder, ql1)
+            parts = [builder.or_(lo0, bits(qh, 0)), builder.or_(lo1, bits(qh, 2)),
+                     builder.or_(hi0, bits(qh, 4)), builder.or_(hi1, bits(qh, 6))]
+            for k, q in enumerate(parts):
+                w = _shuf(builder, builder.sub(q, c8(32)), builder.sub(q, c8(32)), K6_PERM)
+                xv = _load(builder, _at(builder, px, 128 * h + 32 * k), _I8, 32)
                 j = 8 * h + 2 * k  # the sub-blocks j and j + 1 of 16 elements
                 sa = builder.extract_element(scales, ir.Constant(_I32, j))
                 sb = builder.extract_element(scales, ir.Constant(_I32, j + 1))
-                t = _scaled_pair(builder, la, lb, sa, sb)
+                sv = builder.insert_element(ir.Constant(_vec(_I16, 2), None), sa,
+                                            ir.Constant(_I32, 0))
+                sv = builder.insert_element(sv, sb, ir.Constant(_I32, 1))
+                if ISA == "generic":
+                    prod = builder.mul(_widen(builder, w, _I32, True),
+                                       _widen(builder, xv, _I32, True))
+                    s32 = _widen(builder, _shuf(builder, sv, sv, [0, 0, 1, 1] * 8), _I32, True)
+                    prod = builder.mul(prod, s32)
+                    t = None
+                    for m in range(4):
+                        g = _shuf(builder, prod, prod, range(m, 32, 4))
+                        t = g if t is None else builder.add(t, g)
+                else:  # |w| <= 32: ggml's sign trick, pairs <= 2 * 32 * 127 (no saturation)
+                    absfn = cgutils.get_or_insert_function(
+                        builder.module, ir.FunctionType(w.type, [w.type, ir.IntType(1)]),
+                        "llvm.abs.v32i8")
+                    aw = builder.call(absfn, [w, ir.Constant(ir.IntType(1), 0)])
+                    sx = _x86(builder, "llvm.x86.avx2.psign.b", w.type, [xv, w])
+                    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16),
+                                 [aw, sx])
+                    t = _pmadd(builder, pairs, _shuf(builder, sv, sv, [0, 1] * 8))
                 acc = t if acc is None else builder.add(acc, t)
         _store(builder, _data_ptr(context, builder, sig, args, 4), acc)
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-# ----------------------------------------------------------------------------------------
-# Per-row dot products (ggml_vec_dot_*_generic float order)
-# ----------------------------------------------------------------------------------------
-# The 32-element kinds run two rows side by side: each row keeps its own sequential float
-# sum (the reference order), and the two independent chains hide each other's latency.
 
 
 @njit(inline="always", cache=True)
@@ -808,13 +831,13 @@ def _row_k4(u, xd, x8, bsums, aux, sums, bpb, with_high):
 
 
 @njit(inline="always", cache=True)
-def _row_q6_k(u, xd, x16, bsums, aux, sums):
+def _row_q6_k(u, xd, x6, bsums, aux, sums):
     for l in range(8):
         sums[l] = 0
     for b in range(u.shape[0] // 210):
         o = b * 210
         prefetch(u, o + PREFETCH_BYTES)
-        _aux_q6_k(u, o, x16, b * 256, aux)
+        _aux_q6_k(u, o, x6, b * 256, aux)
         d = _h2f(u[o + 208], u[o + 209]) * xd[b]
         for l in range(8):
             sums[l] += d * _F32(aux[l])
@@ -994,17 +1017,6 @@ def _rows2_template(data, xd, xq, xs, out):
             out[r1] = res[1]
 
 
-def _rows_k_template(data, xd, xq, bsums, out):
-    """out[r] = row r of ``data`` . the q8_K activations (xd, xq, bsums)."""
-    rows = data.shape[0]
-    x16 = xq.astype(np.int16)
-    for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        aux = np.empty(8, np.int32)
-        sums = np.empty(8, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _row(data[r], xd, x16, bsums, aux, sums)  # noqa: F821 (bound per kind)
-
-
 @njit(cache=True)
 def permute_k8(xq):
     """q8_K quants ``[..., n]`` (int8, n % 32 == 0) with each 32 permuted by ``K8_PERM``, as
@@ -1017,8 +1029,19 @@ def permute_k8(xq):
     return out.reshape(xq.shape)
 
 
+@njit(cache=True)
+def permute_k6(xq):
+    """The same with ``K6_PERM``, as the q6_k row function reads them."""
+    flat = xq.reshape(-1)
+    out = np.empty(flat.shape[0], np.int8)
+    for c in range(0, flat.shape[0], 32):
+        for i in range(32):
+            out[c + i] = flat[c + 16 * ((i % 4) // 2) + 8 * (i % 2) + i // 4]
+    return out.reshape(xq.shape)
+
+
 def _rows_k8_template(data, xd, xq, bsums, out):
-    """out[r] = row r of ``data`` . the q8_K activations, quants permuted (q4_k / q5_k)."""
+    """out[r] = row r of ``data`` . the q8_K activations, quants permuted (q4_k, q5_k, q6_k)."""
     rows = data.shape[0]
     x8 = _permute(xq)  # noqa: F821 (bound: permute_k8)
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
@@ -1030,20 +1053,21 @@ def _rows_k8_template(data, xd, xq, bsums, out):
 
 MATVEC_Q8ACT: dict = {}
 # kind -> (its row function, how that function takes the activations: "rows2" for the
-# 32-element kinds' two-row intrinsics, "k16" for q8_K quants as int16, "k8" as int8
-# permuted by K8_PERM, "kf" as float32)
+# 32-element kinds' two-row intrinsics, "k8" / "k6" for q8_K quants as int8 permuted by
+# K8_PERM / K6_PERM, "kf" as float32)
 ROW_FNS: dict = {}
 
 
 def _register(kind: str, act: str, fn, template=None) -> None:
     """Weights of ``kind`` meet activations of format ``act`` ("q8_0", "q8_1" or "q8_k")
-    through ``fn`` (a ``_rows2`` intrinsic, or a q8_K ``_row`` function for ``template``,
-    by default :func:`_rows_k_template`); generates ``matvec_q8act_<kind>``."""
+    through ``fn`` (a ``_rows2`` intrinsic, or a q8_K ``_row`` function for ``template``:
+    :func:`_rows_k8_template`, permuted int8 quants, or :func:`_rows_kf_template`, float32);
+    generates ``matvec_q8act_<kind>``."""
     ACT_FORMAT[kind] = act
     if act == "q8_k":
-        template, bound = template or _rows_k_template, {"_row": fn, "_permute": permute_k8}
-        ROW_FNS[kind] = (fn, {_rows_k_template: "k16", _rows_k8_template: "k8"}.get(
-            template, "kf"))
+        shape = ("k6" if kind == "q6_k" else "k8") if template is _rows_k8_template else "kf"
+        bound = {"_row": fn, "_permute": permute_k6 if shape == "k6" else permute_k8}
+        ROW_FNS[kind] = (fn, shape)
     else:
         template, bound = _rows2_template, {"_rows2": fn}
         ROW_FNS[kind] = (fn, "rows2")
@@ -1077,7 +1101,7 @@ def _row_q5_k(u, xd, x8, bsums, aux, sums):
 
 _register("q4_k", "q8_k", _row_q4_k, _rows_k8_template)
 _register("q5_k", "q8_k", _row_q5_k, _rows_k8_template)
-_register("q6_k", "q8_k", _row_q6_k)
+_register("q6_k", "q8_k", _row_q6_k, _rows_k8_template)
 
 
 # --- the 256-element kinds without vector IR: integer sums in float32 -------------------
