@@ -481,10 +481,13 @@ class ActCache:
 
 
 # Up to how many rows the batched 8-bit products beat widening the weight to float32 for BLAS
-# (prefill of a short prompt, kernels chosen by DecoderModel's ops): measured on SmolLM2 Q4_1
+# (prefill of a short prompt, kernels chosen by DecoderModel's ops), measured on SmolLM2 Q4_1
 # and Gemma 3 270M Q4_K_M prefill (bench/short_prefill.py, BENCHMARKS.md): the tiled kinds,
-# which unpack a block once for NB rows, win up to ~96 rows, the others up to ~32.
+# which unpack a block once for NB rows, win up to ~96 rows; q4_k/q5_k/q6_k (permuted byte
+# products) up to ~52 on Gemma. The float-lane k-quants (q2_k, q3_k, iq4_xs, tq*) keep the
+# limit measured for the k-quants before that change (24), not re-measured on their own.
 SHORT_ROWS_TILED = 64
+SHORT_ROWS_K8 = 48
 SHORT_ROWS_OTHER = 24
 
 
@@ -493,7 +496,9 @@ def short_rows(kind: str) -> int:
     weights (0: never, no such kernel)."""
     if kind not in _Q8ACT:
         return 0
-    return SHORT_ROWS_TILED if kind in _TILES else SHORT_ROWS_OTHER
+    if kind in _TILES:
+        return SHORT_ROWS_TILED
+    return SHORT_ROWS_K8 if _Q8ACT[kind][1] in ("q8_k8", "q8_k6") else SHORT_ROWS_OTHER
 
 
 def linear_rows(w: Weight, X: np.ndarray, act_quant: bool = False,
