@@ -30,7 +30,6 @@ ACT_CODES = {"silu": ko.ACT_SILU, "gelu_tanh": ko.ACT_GELU_TANH, "gelu": ko.ACT_
 
 BLAS_ATTENTION_MIN_T = 16  # prefill chunks at least this long use BLAS for attention
 
-
 NORM_NAMES = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "output_norm",
               "attn_q_norm", "attn_k_norm")
 

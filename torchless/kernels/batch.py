@@ -247,22 +247,14 @@ def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
             tcol = (builder.gep(builder.bitcast(arr.data, i8p), [builder.mul(
                 b0v, ir.Constant(b0v.type, 4))]), cgutils.unpack_tuple(builder, arr.strides)[0])
 
-            def splat(v):
-                u = builder.insert_element(ir.Constant(v8f, None), v, ir.Constant(I32, 0))
-                return q8._shuf(builder, u, u, [0] * 8)
-
             # Signed weights with VNNI: vpdpbusd multiplies unsigned by signed bytes. The
             # one-row kernels use ggml's sign trick (|w| . x sign(w), a sign op per pair);
             # here the activations are offset instead, x + 128 (one xor per activation row,
             # shared by both weight rows), and the products start from -128 * sum(w) per lane
             # group (one vpdpbusd per weight block, shared by the NB rows): the same integers.
+            # (_dot4 is that one vpdpbusd here: unsigned x + 128 times signed w, plus acc.)
             offset = signed and q8.ISA == "vnni"
-            v8i = q8._vec(I32, 8)
-            _splat_u8_128 = q8._splat_const(I8, 32, -128)
-
-            def vnni(acc, u8, s8):  # acc + the 4-byte dot products
-                return q8._x86(builder, "llvm.x86.avx512.vpdpbusd.256", v8i,
-                               [acc, builder.bitcast(u8, v8i), builder.bitcast(s8, v8i)])
+            c128 = q8._splat_const(I8, 32, -128)  # the byte 0x80
 
             def four(col, b):  # <8 x float> (v[b0 .. b0+3], v[b0 .. b0+3]) of block b
                 base, st0 = col
@@ -297,23 +289,22 @@ def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
                     dws.append(half(pb))
                     if with_min:
                         mws.append(half(q8._at(builder, pb, 2)))
-                dwv = [splat(d) for d in dws]
+                dwv = [q8._splat(builder, d, 8) for d in dws]
                 if with_min:  # lane 4k + j: m_w(k) * s_x(j), as the one-row kernel per pair
                     builder.store(builder.fadd(builder.load(mins), builder.fmul(
                         pair_vec(mws[0], mws[1]), four(tcol, b))), mins)
                 xo = builder.mul(b, ir.Constant(b.type, 32))
                 if offset:  # -128 * (sum of each 4 weights): the bias of x + 128 below
                     corr = [builder.sub(q8._splat_const(I32, 8, 0),
-                                        vnni(q8._splat_const(I32, 8, 0), _splat_u8_128, w))
-                            for w in ws]
+                                        q8._dot4(builder, c128, w, False)) for w in ws]
                 for j in range(NB):
                     xv = q8._load(builder, builder.gep(xrows[j], [xo]), I8, 32)
-                    xdv = splat(builder.load(builder.gep(drows[j], [b])))
+                    xdv = q8._splat(builder, builder.load(builder.gep(drows[j], [b])), 8)
                     if offset:
-                        xu = builder.xor(xv, _splat_u8_128)  # x + 128 as unsigned bytes
+                        xu = builder.xor(xv, c128)  # x + 128 as unsigned bytes
                     for k in range(2):
                         if offset:  # -128 sum(w) + (x + 128) . w = x . w, exactly
-                            lanes = vnni(corr[k], xu, ws[k])
+                            lanes = q8._dot4(builder, xu, ws[k], False, corr[k])
                         else:
                             lanes = q8._dot4(builder, ws[k], xv, signed)
                         scv = builder.fmul(dwv[k], xdv)  # d_w(k) * d_x(j) in every lane

@@ -138,12 +138,12 @@ def _act_format(kind):
 
 
 @njit(inline="always", cache=True)
-def _quant_rows(kind, w, r0, r1, xd, xq, xs, x16, xf, bsums, out):
+def _quant_rows(kind, w, r0, r1, xd, xq, xs, xf, bsums, out):
     """``out[r]`` for rows ``r0:r1`` of a block-quantized weight against 8-bit activations:
     the decode product's row functions (:mod:`quant_q8`), so a row has the decode's bits.
     ``(xd, xq[, xs])`` are q8_0/q8_1 activations for the 32-element kinds; for the k-quants
     q8_K ``(xd, bsums)`` with the quants as float32 ``xf`` or, for q4_k, q5_k and q6_k, as
-    ``xq`` permuted by ``quant_q8.K8_PERM`` / ``K6_PERM`` (``x16``: unused, empty)."""
+    ``xq`` permuted by ``quant_q8.K8_PERM`` / ``K6_PERM``."""
     if _act_format(kind) != ACT_Q8_K:
         res = np.empty(2, np.float32)
         for r in range(r0, r1, 2):
@@ -189,7 +189,7 @@ def _quant_rows(kind, w, r0, r1, xd, xq, xs, x16, xf, bsums, out):
 @njit(cache=True)
 def _quantize_inputs(kind, X):
     """8-bit activations of each row of ``X [n, cols]`` for weight ``kind``:
-    ``(XD, XQ, XS, X16, XF, BS)`` as :func:`_quant_rows` takes them (unused ones empty)."""
+    ``(XD, XQ, XS, XF, BS)`` as :func:`_quant_rows` takes them (unused ones empty)."""
     nx, cols = X.shape
     fmt = _act_format(kind)
     qk = 256 if fmt == ACT_Q8_K else 32
@@ -206,17 +206,17 @@ def _quantize_inputs(kind, X):
             q8._q8_k_act_into(X[j], XD[j], XQ[j], BS[j])
     if kind == kd.Q4_K or kind == kd.Q5_K or kind == kd.Q6_K:  # rows read them permuted
         XP = q8.permute_k6(XQ) if kind == kd.Q6_K else q8.permute_k8(XQ)
-        return XD, XP, XS, np.empty((nx, 0), np.int16), np.empty((nx, 0), np.float32), BS
+        return XD, XP, XS, np.empty((nx, 0), np.float32), BS
     if fmt == ACT_Q8_K:
-        return XD, XQ, XS, np.empty((nx, 0), np.int16), XQ.astype(np.float32), BS
-    return XD, XQ, XS, np.empty((nx, 0), np.int16), np.empty((nx, 0), np.float32), BS
+        return XD, XQ, XS, XQ.astype(np.float32), BS
+    return XD, XQ, XS, np.empty((nx, 0), np.float32), BS
 
 
 @njit(cache=True)
 def _no_inputs(nx):
     return (np.empty((nx, 0), np.float32), np.empty((nx, 0), np.int8),
-            np.empty((nx, 0), np.float32), np.empty((nx, 0), np.int16),
-            np.empty((nx, 0), np.float32), np.empty((nx, 0), np.int16))
+            np.empty((nx, 0), np.float32), np.empty((nx, 0), np.float32),
+            np.empty((nx, 0), np.int16))
 
 
 @njit(parallel=True, cache=True)
@@ -229,9 +229,9 @@ def experts_matvec(kind, mats, sel, X, out, aq, nb):
     quant = kind != kd.F32 and kind != kd.F16 and kind != kd.BF16
     nx = X.shape[0]
     if quant and aq:
-        XD, XQ, XS, X16, XF, BS = _quantize_inputs(kind, X)
+        XD, XQ, XS, XF, BS = _quantize_inputs(kind, X)
     else:
-        XD, XQ, XS, X16, XF, BS = _no_inputs(nx)
+        XD, XQ, XS, XF, BS = _no_inputs(nx)
     for item in prange(k * nch):
         j = item // nch
         r0 = (item % nch) * _CHUNK
@@ -243,7 +243,7 @@ def experts_matvec(kind, mats, sel, X, out, aq, nb):
         elif not quant:
             _rows_u16(kind, w.view(np.uint16), r0, r1, X[xi], out[j])
         elif aq:
-            _quant_rows(kind, w, r0, r1, XD[xi], XQ[xi], XS[xi], X16[xi], XF[xi], BS[xi],
+            _quant_rows(kind, w, r0, r1, XD[xi], XQ[xi], XS[xi], XF[xi], BS[xi],
                         out[j])
         else:
             kd.linear(kind, w[r0:r1], nb, X[xi], out[j, r0:r1], False)
@@ -370,9 +370,9 @@ def grouped_matmul(kind, mats, items, starts, order, xrow, X, out):
     nx = X.shape[0]
     quant = kind != kd.F32 and kind != kd.F16 and kind != kd.BF16
     if quant:
-        XD, XQ, XS, X16, XF, BS = _quantize_inputs(kind, X)
+        XD, XQ, XS, XF, BS = _quantize_inputs(kind, X)
     else:
-        XD, XQ, XS, X16, XF, BS = _no_inputs(nx)
+        XD, XQ, XS, XF, BS = _no_inputs(nx)
     for it in prange(items.shape[0]):
         e = items[it, 0]
         r0 = items[it, 1]
@@ -386,7 +386,7 @@ def grouped_matmul(kind, mats, items, starts, order, xrow, X, out):
             elif not quant:
                 _rows_u16(kind, w.view(np.uint16), r0, r1, X[xi], out[sl])
             else:
-                _quant_rows(kind, w, r0, r1, XD[xi], XQ[xi], XS[xi], X16[xi], XF[xi], BS[xi],
+                _quant_rows(kind, w, r0, r1, XD[xi], XQ[xi], XS[xi], XF[xi], BS[xi],
                             out[sl])
 
 

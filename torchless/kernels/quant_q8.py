@@ -507,6 +507,16 @@ def _pmadd(builder, a, b):
     return builder.add(half(ev), half(od))
 
 
+def _sign_trick(builder, a, b):
+    """<32 x i8> signed a, b -> (|a| as unsigned bytes, b * sign(a)): the same products, with
+    an unsigned first operand for vpdpbusd / vpmaddubsw (ggml's x86 trick; b not -128)."""
+    b = _x86(builder, "llvm.x86.avx2.psign.b", a.type, [b, a])
+    absfn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(a.type, [a.type, ir.IntType(1)]), "llvm.abs.v32i8"
+    )
+    return builder.call(absfn, [a, ir.Constant(ir.IntType(1), 0)]), b
+
+
 def _dot4(builder, a, b, a_signed, acc=None):
     """<32 x i8> a, b -> <8 x i32>, lane i = sum_{k<4} a[4i+k] * b[4i+k].
 
@@ -523,11 +533,7 @@ def _dot4(builder, a, b, a_signed, acc=None):
             acc = t if acc is None else builder.add(acc, t)
         return acc
     if a_signed:
-        b = _x86(builder, "llvm.x86.avx2.psign.b", a.type, [b, a])
-        absfn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(a.type, [a.type, ir.IntType(1)]), "llvm.abs.v32i8"
-        )
-        a = builder.call(absfn, [a, ir.Constant(ir.IntType(1), 0)])
+        a, b = _sign_trick(builder, a, b)
     v8 = _vec(_I32, 8)
     if ISA == "vnni":
         return _x86(
@@ -552,43 +558,12 @@ def _reduce_add(builder, v):
     return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), [v])
 
 
-def _fold8(builder, v):
-    """Sum a vector of 8k elements into 8 lanes: lane l = sum_k v[8k + l]."""
-    acc = _slice(builder, v, 0, 8)
-    for k in range(8, v.type.count, 8):
-        acc = builder.add(acc, _slice(builder, v, k, 8))
-    return acc
-
-
-def _interleave(builder, a, b):
-    """<n> a, b -> <2n> (a0, b0, a1, b1, ...)."""
-    n = a.type.count
-    return _shuf(builder, a, b, [i // 2 + (n if i % 2 else 0) for i in range(2 * n)])
-
-
 def _is_array(t, dtype):
     return isinstance(t, types.Array) and t.ndim == 1 and t.dtype == dtype
 
 
 def _is_int(*ts):
     return all(isinstance(t, types.Integer) for t in ts)
-
-
-def _nibbles16(builder, q):
-    """Bytes <n x i8> -> (low nibbles, high nibbles) as <n x i16>."""
-    n = q.type.count
-    z = _widen(builder, q, _I16, False)
-    return builder.and_(z, _splat_const(_I16, n, 15)), builder.lshr(z, _splat_const(_I16, n, 4))
-
-
-def _bits16(builder, h, shift, mask, up=4):
-    """((h >> shift) & mask) << up on an i16 vector."""
-    n = h.type.count
-    v = builder.lshr(h, _splat_const(_I16, n, shift)) if shift else h
-    return builder.shl(builder.and_(v, _splat_const(_I16, n, mask)), _splat_const(_I16, n, up))
-
-
-# --- the 32-element blocks: helpers for the row loops below ---------------------------
 
 
 def _lo_hi(builder, q):
@@ -609,15 +584,6 @@ def _q5_high(builder, qh8, sel):
 
 
 # --- the 256-element k-quant blocks: 8 int32 lanes (element e -> lane e % 8) -------------
-
-
-def _scaled_pair(builder, la, lb, sa, sb):
-    """<8 x i16> lane sums of two sub-blocks and their scales (i16) -> <8 x i32>
-    la * sa + lb * sb (one vpmaddwd on the interleaved lanes)."""
-    v = _interleave(builder, la, lb)
-    s = builder.insert_element(ir.Constant(_vec(_I16, 2), None), sa, ir.Constant(_I32, 0))
-    s = builder.insert_element(s, sb, ir.Constant(_I32, 1))
-    return _pmadd(builder, v, _shuf(builder, s, s, [0, 1] * 8))
 
 
 def _k4_scales_mins(builder, p):
@@ -775,7 +741,8 @@ def _aux_q6_k(typingctx, u, o, x, xo, aux):
             parts = [builder.or_(lo0, bits(qh, 0)), builder.or_(lo1, bits(qh, 2)),
                      builder.or_(hi0, bits(qh, 4)), builder.or_(hi1, bits(qh, 6))]
             for k, q in enumerate(parts):
-                w = _shuf(builder, builder.sub(q, c8(32)), builder.sub(q, c8(32)), K6_PERM)
+                w = builder.sub(q, c8(32))
+                w = _shuf(builder, w, w, K6_PERM)
                 xv = _load(builder, _at(builder, px, 128 * h + 32 * k), _I8, 32)
                 j = 8 * h + 2 * k  # the sub-blocks j and j + 1 of 16 elements
                 sa = builder.extract_element(scales, ir.Constant(_I32, j))
@@ -793,11 +760,7 @@ def _aux_q6_k(typingctx, u, o, x, xo, aux):
                         g = _shuf(builder, prod, prod, range(m, 32, 4))
                         t = g if t is None else builder.add(t, g)
                 else:  # |w| <= 32: ggml's sign trick, pairs <= 2 * 32 * 127 (no saturation)
-                    absfn = cgutils.get_or_insert_function(
-                        builder.module, ir.FunctionType(w.type, [w.type, ir.IntType(1)]),
-                        "llvm.abs.v32i8")
-                    aw = builder.call(absfn, [w, ir.Constant(ir.IntType(1), 0)])
-                    sx = _x86(builder, "llvm.x86.avx2.psign.b", w.type, [xv, w])
+                    aw, sx = _sign_trick(builder, w, xv)
                     pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16),
                                  [aw, sx])
                     t = _pmadd(builder, pairs, _shuf(builder, sv, sv, [0, 1] * 8))
@@ -806,6 +769,13 @@ def _aux_q6_k(typingctx, u, o, x, xo, aux):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ----------------------------------------------------------------------------------------
+# Per-row dot products (ggml_vec_dot_*_generic float order)
+# ----------------------------------------------------------------------------------------
+# The 32-element kinds run two rows side by side: each row keeps its own sequential float
+# sum (the reference order), and the two independent chains hide each other's latency.
 
 
 @njit(inline="always", cache=True)
@@ -1017,27 +987,31 @@ def _rows2_template(data, xd, xq, xs, out):
             out[r1] = res[1]
 
 
-@njit(cache=True)
-def permute_k8(xq):
-    """q8_K quants ``[..., n]`` (int8, n % 32 == 0) with each 32 permuted by ``K8_PERM``, as
-    the q4_k / q5_k row functions read them."""
+_K8_IDX = np.array(K8_PERM, np.int64)
+_K6_IDX = np.array(K6_PERM, np.int64)
+
+
+@njit(inline="always", cache=True)
+def _permute32(xq, idx):
     flat = xq.reshape(-1)
     out = np.empty(flat.shape[0], np.int8)
     for c in range(0, flat.shape[0], 32):
         for i in range(32):
-            out[c + i] = flat[c + 8 * (i % 4) + i // 4]
+            out[c + i] = flat[c + idx[i]]
     return out.reshape(xq.shape)
+
+
+@njit(cache=True)
+def permute_k8(xq):
+    """q8_K quants ``[..., n]`` (int8, n % 32 == 0) with each 32 permuted by ``K8_PERM``, as
+    the q4_k / q5_k row functions read them."""
+    return _permute32(xq, _K8_IDX)
 
 
 @njit(cache=True)
 def permute_k6(xq):
     """The same with ``K6_PERM``, as the q6_k row function reads them."""
-    flat = xq.reshape(-1)
-    out = np.empty(flat.shape[0], np.int8)
-    for c in range(0, flat.shape[0], 32):
-        for i in range(32):
-            out[c + i] = flat[c + 16 * ((i % 4) // 2) + 8 * (i % 2) + i // 4]
-    return out.reshape(xq.shape)
+    return _permute32(xq, _K6_IDX)
 
 
 def _rows_k8_template(data, xd, xq, bsums, out):
