@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import torchless
@@ -50,8 +50,9 @@ def _weight(kind, rows, cols, rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=8, **SETTINGS)
-@given(act_quant=st.booleans(), B=st.integers(1, 11),
+@given(act_quant=st.booleans(), B=st.integers(1, 13),
        rows=st.integers(1, 19), extra_cols=st.sampled_from([0, 7]), seed=st.integers(0, 99))
+@example(act_quant=True, B=13, rows=7, extra_cols=0, seed=1)  # tiles of 8 and 4, one left
 def test_linear_rows_is_matvec_per_row(kind, act_quant, B, rows, extra_cols, seed):
     """Every row of the batched product is the decode product of that row, bit for bit (odd
     weight rows and a column remainder exercise the kernels' tails)."""

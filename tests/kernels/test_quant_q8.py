@@ -23,12 +23,15 @@ from hypothesis import strategies as st
 from torchless.errors import TensorShapeError, UnsupportedError
 from torchless.kernels import quant as Q
 from quant_blocks import random_blocks
+from torchless.kernels import batch as KB
 from torchless.kernels import quant_q8 as Q8
+from torchless.weights import Weight
 
 KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k", "q2_k",
          "q3_k", "iq4_xs", "tq1_0", "tq2_0"]
 # the kinds whose kernels are vector IR that depends on the ISA tier (the others are plain Numba)
 IR_KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k"]
+TILED_KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]  # batched tiles per tier
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F32 = np.float32
 
@@ -583,12 +586,13 @@ def test_dispatcher_checks_and_supports():
     )
 
 
-@pytest.mark.parametrize("tier", ["generic", "avx2"])
+@pytest.mark.parametrize("tier", ["generic", "avx2", "vnni"])
 def test_kernel_isa_tiers_agree(tmp_path, tier):
-    """The portable (generic LLVM IR) and AVX2 builds give the same bits as the host's."""
-    order = ["generic", "avx2", "vnni"]
-    if order.index(Q8.ISA) <= order.index(tier):
-        pytest.skip(f"the host build is already {Q8.ISA}")
+    """The portable (generic LLVM IR), AVX2 and 256-bit VNNI builds give the same bits as
+    the host's (the decode products and the batched tiles)."""
+    order = ["generic", "avx2", "vnni", "avx512"]
+    if order.index(Q8.TIER) <= order.index(tier):
+        pytest.skip(f"the host build is already {Q8.TIER}")
     rng = np.random.default_rng(11)
     cases = {}
     for kind in IR_KINDS:
@@ -599,21 +603,36 @@ def test_kernel_isa_tiers_agree(tmp_path, tier):
         np.save(tmp_path / f"{kind}_data.npy", data)
         np.save(tmp_path / f"{kind}_x.npy", x)
         cases[kind] = Q8.matvec_q8act(kind, data, x)
+    X = rng.standard_normal((13, 11 * 32)).astype(np.float32)  # tiles of 8 and 4, one left
+    np.save(tmp_path / "X.npy", X)
+    batched = {}
+    for kind in TILED_KINDS:
+        data = random_blocks(kind, 7, 11, rng)
+        np.save(tmp_path / f"{kind}_bdata.npy", data)
+        batched[kind] = KB.linear_rows(Weight("w", kind, (7, 11 * 32), data), X, True)
     script = textwrap.dedent(
         f"""
         import numpy as np
-        from torchless.kernels import quant_q8 as Q8
-        assert Q8.ISA == {tier!r}, Q8.ISA
+        from torchless.kernels import batch as KB, quant_q8 as Q8
+        from torchless.weights import Weight
+        assert Q8.TIER == {tier!r}, Q8.TIER
         for kind in {IR_KINDS!r}:
             d = np.load({str(tmp_path)!r} + f"/{{kind}}_data.npy")
             x = np.load({str(tmp_path)!r} + f"/{{kind}}_x.npy")
             np.save({str(tmp_path)!r} + f"/{{kind}}_out.npy", Q8.matvec_q8act(kind, d, x))
+        X = np.load({str(tmp_path)!r} + "/X.npy")
+        for kind in {TILED_KINDS!r}:
+            d = np.load({str(tmp_path)!r} + f"/{{kind}}_bdata.npy")
+            out = KB.linear_rows(Weight("w", kind, (7, X.shape[1]), d), X, True)
+            np.save({str(tmp_path)!r} + f"/{{kind}}_bout.npy", out)
         """
     )
     env = dict(os.environ, TORCHLESS_Q8ACT_ISA=tier, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
     for kind in IR_KINDS:
         np.testing.assert_array_equal(np.load(tmp_path / f"{kind}_out.npy"), cases[kind])
+    for kind in TILED_KINDS:
+        np.testing.assert_array_equal(np.load(tmp_path / f"{kind}_bout.npy"), batched[kind])
 
 
 @SETTINGS

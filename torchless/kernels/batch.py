@@ -328,6 +328,130 @@ def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
     return intrinsic(impl)
 
 
+def _make_wide_tile(weights, bpb, name, signed=True, with_min=False, nb=8):
+    """The tile of :func:`_make_rows2xnb` for ``nb`` activation rows in 512-bit registers
+    (AVX512-VNNI, :data:`quant_q8.WIDE`): the two weight rows' blocks side by side in one
+    64-byte vector, each activation block broadcast to both halves, so that one
+    ``vpdpbusd`` and one convert, multiply and fma serve both pairs (lanes 0-7 row 0, lanes
+    8-15 row 1). Every lane sees the same operations in the same order as in the one-row
+    kernel, so the bits are the same; the 16 lanes only run two pairs at once. For the
+    signed kinds ``XQ`` holds the activations offset by 128 (``x ^ 0x80``, made once per
+    product), the unsigned operand of ``vpdpbusd``."""
+    I8, I32, I64 = q8._I8, q8._I32, q8._I64
+    assert 2 * nb <= 16  # the min terms: one <2nb x float>, lane nb * k + j
+
+    def impl(typingctx, u0, u1, XQ, XD, XST, b0, res):
+        if not (isinstance(u0, types.Array) and u0.ndim == 1 and u0.dtype == types.uint8
+                and isinstance(u1, types.Array) and u1.ndim == 1 and u1.dtype == types.uint8
+                and isinstance(XQ, types.Array) and XQ.ndim == 2 and XQ.dtype == types.int8
+                and isinstance(XD, types.Array) and XD.ndim == 2
+                and XD.dtype == types.float32 and isinstance(b0, types.Integer)
+                and isinstance(XST, types.Array) and XST.ndim == 2
+                and XST.dtype == types.float32
+                and isinstance(res, types.Array) and res.dtype == types.float32):
+            return None
+        sig = types.void(u0, u1, XQ, XD, XST, b0, res)
+
+        def codegen(context, builder, sig, args):
+            f32 = ir.FloatType()
+            v16f = q8._vec(f32, 16)
+            v16i = q8._vec(I32, 16)
+            vm = q8._vec(f32, 2 * nb)
+            i8p = ir.IntType(8).as_pointer()
+            a0 = context.make_array(sig.args[0])(context, builder, value=args[0])
+            p0 = a0.data
+            p1 = q8._data_ptr(context, builder, sig, args, 1)
+            nbytes = cgutils.unpack_tuple(builder, a0.shape)[0]
+            nblk = builder.udiv(nbytes, ir.Constant(nbytes.type, bpb))
+            b0v = context.cast(builder, args[5], sig.args[5], types.intp)
+            xrows, drows = [], []
+            for arg, lst in ((2, xrows), (3, drows)):
+                arr = context.make_array(sig.args[arg])(context, builder, value=args[arg])
+                st0 = cgutils.unpack_tuple(builder, arr.strides)[0]
+                base = builder.bitcast(arr.data, i8p)
+                for j in range(nb):
+                    off = builder.mul(builder.add(b0v, ir.Constant(b0v.type, j)), st0)
+                    lst.append(builder.bitcast(builder.gep(base, [off]), arr.data.type))
+            arr = context.make_array(sig.args[4])(context, builder, value=args[4])
+            tbase = builder.gep(builder.bitcast(arr.data, i8p), [builder.mul(
+                b0v, ir.Constant(b0v.type, 4))])
+            tstride = cgutils.unpack_tuple(builder, arr.strides)[0]
+            c128 = q8._splat_const(I8, 64, -128)  # the byte 0x80
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+            dpbusd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
+                "llvm.x86.avx512.vpdpbusd.512")
+            zero = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
+            izero = q8._splat_const(I32, 16, 0)
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(nb)]
+            mins = cgutils.alloca_once_value(builder, ir.Constant(vm, [ir.Constant(f32, 0.0)]
+                                                                  * (2 * nb)))
+
+            def half(ptr):
+                h = builder.load(builder.bitcast(ptr, ir.IntType(16).as_pointer()), align=1)
+                return builder.fpext(builder.bitcast(h, ir.HalfType()), f32)
+
+            def halves(a, b, n):  # <2n x float> (a x n, b x n)
+                v = builder.insert_element(ir.Constant(q8._vec(f32, 2), None), a,
+                                           ir.Constant(I32, 0))
+                v = builder.insert_element(v, b, ir.Constant(I32, 1))
+                return q8._shuf(builder, v, v, [0] * n + [1] * n)
+
+            with cgutils.for_range(builder, nblk) as loop:
+                b = loop.index
+                off = builder.mul(b, ir.Constant(b.type, bpb))
+                ws, dws, mws = [], [], []
+                for p in (p0, p1):
+                    pb = builder.gep(p, [off])
+                    q8._prefetch_ir(builder, builder.gep(pb, [ir.Constant(I64,
+                                                                          q8.PREFETCH_BYTES)]))
+                    ws.append(weights(builder, pb))
+                    dws.append(half(pb))
+                    if with_min:
+                        mws.append(half(q8._at(builder, pb, 2)))
+                w = builder.bitcast(q8._shuf(builder, ws[0], ws[1], range(64)), v16i)
+                dwv = halves(dws[0], dws[1], 8)
+                if with_min:  # lane nb * k + j: m_w(k) * s_x(j)
+                    t = q8._load(builder, builder.gep(tbase, [builder.mul(b, tstride)]),
+                                 f32, nb)
+                    builder.store(builder.fadd(builder.load(mins), builder.fmul(
+                        halves(mws[0], mws[1], nb), q8._shuf(builder, t, t,
+                                                             list(range(nb)) * 2))), mins)
+                if signed:  # -128 * (sum of each 4 weights): the bias of x + 128 below
+                    corr = builder.sub(izero, builder.call(dpbusd, [
+                        izero, builder.bitcast(c128, v16i), w]))
+                xo = builder.mul(b, ir.Constant(b.type, 32))
+                for j in range(nb):
+                    xv = q8._load(builder, builder.gep(xrows[j], [xo]), I8, 32)
+                    xv = q8._shuf(builder, xv, xv, list(range(32)) * 2)
+                    xdv = q8._splat(builder, builder.load(builder.gep(drows[j], [b])), 16)
+                    if signed:  # -128 sum(w) + (x + 128) . w = x . w, exactly (XQ holds x + 128)
+                        lanes = builder.call(dpbusd, [corr, builder.bitcast(xv, v16i), w])
+                    else:
+                        lanes = builder.call(dpbusd, [izero, w, builder.bitcast(xv, v16i)])
+                    acc = accs[j]
+                    builder.store(builder.call(fma, [builder.sitofp(lanes, v16f),
+                                                     builder.fmul(dwv, xdv),
+                                                     builder.load(acc)]), acc)
+            pr = q8._data_ptr(context, builder, sig, args, 6)
+            mv = builder.load(mins)
+            for j in range(nb):
+                a = builder.load(accs[j])
+                for k in range(2):
+                    v = _lane_tree(builder, q8._shuf(builder, a, a, range(8 * k, 8 * k + 8)))
+                    if with_min:
+                        v = builder.fadd(v, builder.extract_element(
+                            mv, ir.Constant(I32, nb * k + j)))
+                    builder.store(v, q8._at(builder, pr, 2 * j + k))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = name
+    return intrinsic(impl)
+
+
 _TILES = {
     "q8_0": _make_rows2xnb(q8._signed_q8_0, 34, "_rows2xnb_q8_0"),
     "q4_0": _make_rows2xnb(q8._signed_q4_0, 18, "_rows2xnb_q4_0"),
@@ -335,6 +459,19 @@ _TILES = {
     "iq4_nl": _make_rows2xnb(q8._signed_iq4_nl, 18, "_rows2xnb_iq4_nl"),
     "q4_1": _make_rows2xnb(q8._unsigned_q4_1, 20, "_rows2xnb_q4_1", False, True),
     "q5_1": _make_rows2xnb(q8._unsigned_q5_1, 24, "_rows2xnb_q5_1", False, True),
+}
+
+_WIDE_TILES = {
+    kind: {nb: _make_wide_tile(fn, bpb, f"_wide{nb}_{kind}", signed, with_min, nb)
+           for nb in (8, 4)}
+    for kind, (fn, bpb, signed, with_min) in {
+        "q8_0": (q8._signed_q8_0, 34, True, False),
+        "q4_0": (q8._signed_q4_0, 18, True, False),
+        "q5_0": (q8._signed_q5_0, 22, True, False),
+        "iq4_nl": (q8._signed_iq4_nl, 18, True, False),
+        "q4_1": (q8._unsigned_q4_1, 20, False, True),
+        "q5_1": (q8._unsigned_q5_1, 24, False, True),
+    }.items()
 }
 
 # Each kind's kernel is generated from one template by the shape of its decode row function
@@ -360,6 +497,41 @@ def _tiled_template(data, xd, xq, xs, out):
                     out[b0 + j, r] = tile[2 * j]
                     out[b0 + j, r1] = tile[2 * j + 1]
             for b in range(B - B % _NB, B):  # noqa: F821
+                _rows2(data[r], data[r1], xq[b], xd[b], xs[b], res)  # noqa: F821
+                out[b, r] = res[0]
+                out[b, r1] = res[1]
+
+
+def _wide_template(data, xd, xq, xs, out):
+    """The same with the 512-bit tiles: 8 activation rows a tile, then 4, then one by one."""
+    rows = data.shape[0]
+    B = xq.shape[0]
+    xst = np.ascontiguousarray(xs.T)
+    xt = xq
+    if _signed:  # noqa: F821 (bound per kind): the tiles take x + 128 (x ^ 0x80)
+        xt = np.empty_like(xq)
+        for b in range(B - B % 4):
+            for i in range(xq.shape[1]):
+                xt[b, i] = xq[b, i] ^ np.int8(-128)
+    b8 = B - B % 8
+    b4 = B - B % 4
+    for ch in prange((rows + _C - 1) // _C):  # noqa: F821 (bound per kind)
+        res = np.empty(2, np.float32)
+        tile = np.empty(16, np.float32)
+        end = min(rows, ch * _C + _C)  # noqa: F821
+        for r in range(ch * _C, end, 2):  # noqa: F821
+            r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
+            for b0 in range(0, b8, 8):
+                _tile8(data[r], data[r1], xt, xd, xst, b0, tile)  # noqa: F821
+                for j in range(8):
+                    out[b0 + j, r] = tile[2 * j]
+                    out[b0 + j, r1] = tile[2 * j + 1]
+            if b4 > b8:
+                _tile4(data[r], data[r1], xt, xd, xst, b8, tile)  # noqa: F821
+                for j in range(4):
+                    out[b8 + j, r] = tile[2 * j]
+                    out[b8 + j, r1] = tile[2 * j + 1]
+            for b in range(b4, B):
                 _rows2(data[r], data[r1], xq[b], xd[b], xs[b], res)  # noqa: F821
                 out[b, r] = res[0]
                 out[b, r1] = res[1]
@@ -409,7 +581,11 @@ for _kind, (_fn, _shape) in q8.ROW_FNS.items():
     _name = f"matmul_rows_q8act_{_kind}"
     if _shape == "rows2":
         _variant = q8.ACT_FORMAT[_kind]  # "q8_0" or "q8_1"
-        if _kind in _TILES:
+        if q8.WIDE and _kind in _WIDE_TILES:
+            _k = kq._generate(_wide_template, _name, _C=q8._CHUNK, _rows2=_fn,
+                              _tile8=_WIDE_TILES[_kind][8], _tile4=_WIDE_TILES[_kind][4],
+                              _signed=_kind not in ("q4_1", "q5_1"))
+        elif _kind in _TILES:
             _k = kq._generate(_tiled_template, _name, _C=q8._CHUNK, _NB=NB, _rows2=_fn,
                               _tile=_TILES[_kind])
         else:

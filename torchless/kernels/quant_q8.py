@@ -49,7 +49,7 @@ Implementation: the integer block products are small LLVM vector-IR intrinsics, 
 Numba widens all integer arithmetic to 64 bits and would not vectorise it. On x86 with
 AVX-VNNI / AVX512-VNNI they use ``vpdpbusd``, with plain AVX2 ``vpmaddubsw`` + ``vpmaddwd``
 (ggml's sign trick for signed x signed bytes), elsewhere portable IR (:data:`ISA`; the
-environment variable ``TORCHLESS_Q8ACT_ISA=generic|avx2`` lowers the choice -- use a fresh
+environment variable ``TORCHLESS_Q8ACT_ISA=generic|avx2|vnni`` lowers the choice -- use a fresh
 ``NUMBA_CACHE_DIR`` then, the on-disk cache does not know the tier). The integers are exact
 and the float order fixed, so every tier gives the same bits. Details:
 
@@ -399,12 +399,13 @@ def quantize_q8_k_act(x):
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
-_ISA_ORDER = ("generic", "avx2", "vnni")
+_ISA_ORDER = ("generic", "avx2", "vnni", "avx512")
 
 
-def _detect_isa(env: str = "TORCHLESS_Q8ACT_ISA") -> str:
+def _detect_isa(env: str = "TORCHLESS_Q8ACT_ISA", wide: bool = False) -> str:
     """Which integer dot-product instructions the host has: "vnni" (AVX-VNNI or
-    AVX512-VNNI+VL, x86), "avx2" (x86) or "generic" (portable LLVM IR, any host).
+    AVX512-VNNI+VL, x86), "avx2" (x86) or "generic" (portable LLVM IR, any host); with
+    ``wide``, "avx512" when AVX512-VNNI comes with 512-bit AVX512F/BW registers.
     The environment variable ``env`` may lower the choice (e.g. to test the portable
     code)."""
     isa = "generic"
@@ -419,14 +420,20 @@ def _detect_isa(env: str = "TORCHLESS_Q8ACT_ISA") -> str:
             isa = "avx2"
             if f.get("avxvnni", False) or (f.get("avx512vnni", False) and f.get("avx512vl", False)):
                 isa = "vnni"
+                if wide and all(f.get(k, False) for k in ("avx512f", "avx512bw", "avx512vnni")):
+                    isa = "avx512"
     want = os.environ.get(env, "").strip().lower()
     if want in _ISA_ORDER and _ISA_ORDER.index(want) < _ISA_ORDER.index(isa):
         isa = want
     return isa
 
 
-#: the instruction tier the kernels were compiled for (results do not depend on it)
-ISA = _detect_isa()
+#: the instruction tier the kernels were compiled for (results do not depend on it):
+#: ``TIER`` is one of :data:`_ISA_ORDER`; ``ISA`` the same with "avx512" read as "vnni" (the
+#: 256-bit kernels), and ``WIDE`` whether the batched tiles use 512-bit registers
+TIER = _detect_isa(wide=True)
+ISA = "vnni" if TIER == "avx512" else TIER
+WIDE = TIER == "avx512"
 
 
 def _vec(ty, n):
