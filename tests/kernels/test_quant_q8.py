@@ -31,7 +31,7 @@ KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k
          "q3_k", "iq4_xs", "tq1_0", "tq2_0"]
 # the kinds whose kernels are vector IR that depends on the ISA tier (the others are plain Numba)
 IR_KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k"]
-TILED_KINDS = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]  # batched tiles per tier
+TILED_KINDS = IR_KINDS  # the kinds whose batched products run in tiles
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F32 = np.float32
 
@@ -603,13 +603,13 @@ def test_kernel_isa_tiers_agree(tmp_path, tier):
         np.save(tmp_path / f"{kind}_data.npy", data)
         np.save(tmp_path / f"{kind}_x.npy", x)
         cases[kind] = Q8.matvec_q8act(kind, data, x)
-    X = rng.standard_normal((13, 11 * 32)).astype(np.float32)  # tiles of 8 and 4, one left
+    X = rng.standard_normal((13, 512)).astype(np.float32)  # tiles of 8 and 4, one row left
     np.save(tmp_path / "X.npy", X)
     batched = {}
     for kind in TILED_KINDS:
-        data = random_blocks(kind, 7, 11, rng)
+        data = random_blocks(kind, 7, 512 // Q.BLOCK_INFO[kind][0], rng)
         np.save(tmp_path / f"{kind}_bdata.npy", data)
-        batched[kind] = KB.linear_rows(Weight("w", kind, (7, 11 * 32), data), X, True)
+        batched[kind] = KB.linear_rows(Weight("w", kind, (7, 512), data), X, True)
     script = textwrap.dedent(
         f"""
         import numpy as np

@@ -477,7 +477,11 @@ _WIDE_TILES = {
 # Each kind's kernel is generated from one template by the shape of its decode row function
 # (quant_q8.ROW_FNS): the same function, on the same row pairs, as the decode matvec, so a row
 # gets the decode's bits; the weight rows of a chunk stay in cache while every activation row
-# meets them. q8_0/q4_0/q5_0 also share each weight load across NB activation rows.
+# meets them. The 32-element kinds (q8_0, q4_0, q5_0, q4_1, q5_1, iq4_nl) and q4_k / q5_k /
+# q6_k also unpack each weight block once for a tile of activation rows (4 in 256-bit
+# registers, 8 then 4 in 512-bit ones for the 32-element kinds; 8 then 4 for the k-quants,
+# whose per-row float terms stay scalar code in the decode's order); the float-lane
+# k-quants (q2_k, q3_k, iq4_xs, tq1_0, tq2_0) run the row function once per activation row.
 
 
 def _tiled_template(data, xd, xq, xs, out):
@@ -552,17 +556,92 @@ def _rows2_batch_template(data, xd, xq, xs, out):
                 out[b, r1] = res[1]
 
 
-def _k8_batch_template(data, xd, x8, bsums, out):
-    """``out[b, r]`` for the k-quants whose row function takes the q8_K quants as int8,
-    permuted (q4_k, q5_k, q6_k)."""
+def _k4_tiled_template(data, xd, x8, bsums, out):
+    """``out[b, r]`` for q4_k / q5_k, the weight blocks unpacked once for tiles of 8 (then
+    4) activation rows; each row's float terms are those of ``quant_q8._row_k4`` in its
+    order (the same bits), the rest row by row."""
     rows = data.shape[0]
     B = x8.shape[0]
+    b8 = B - B % 8
+    b4 = B - B % 4
+    nblk = data.shape[1] // _BPB  # noqa: F821 (bound per kind)
     for ch in prange((rows + _C - 1) // _C):  # noqa: F821
-        aux = np.empty(8, np.int32)
-        sums = np.empty(8, np.float32)
+        aux = np.empty(64, np.int32)
+        ms = np.empty(8, np.int64)
+        sums = np.empty(64, np.float32)
+        sumf = np.empty(8, np.float32)
+        aux1 = np.empty(8, np.int32)
+        sums1 = np.empty(8, np.float32)
         for r in range(ch * _C, min(rows, ch * _C + _C)):  # noqa: F821
-            for b in range(B):
-                out[b, r] = _row(data[r], xd[b], x8[b], bsums[b], aux, sums)  # noqa: F821
+            u = data[r]
+            b0 = 0
+            while b0 < b4:
+                nb = 8 if b0 < b8 else 4
+                sums[:] = 0
+                sumf[:] = 0
+                for b in range(nblk):
+                    o = b * _BPB  # noqa: F821
+                    prefetch(u, o + PREFETCH_BYTES)  # noqa: F821 (kernels.quant's)
+                    if nb == 8:
+                        _tile8(u, o, x8, b0, b * 256, bsums, b * 16, aux, ms)  # noqa: F821
+                    else:
+                        _tile4(u, o, x8, b0, b * 256, bsums, b * 16, aux, ms)  # noqa: F821
+                    dw = _h2f(u[o], u[o + 1])  # noqa: F821
+                    dm = _h2f(u[o + 2], u[o + 3])  # noqa: F821
+                    for j in range(nb):
+                        d = dw * xd[b0 + j, b]
+                        for l in range(8):
+                            sums[8 * j + l] += d * np.float32(aux[8 * j + l])
+                        dmin = dm * xd[b0 + j, b]
+                        sumf[j] -= dmin * np.float32(ms[j])
+                for j in range(nb):
+                    t = sumf[j]
+                    for l in range(8):
+                        t += sums[8 * j + l]
+                    out[b0 + j, r] = t
+                b0 += nb
+            for b in range(b4, B):
+                out[b, r] = _row(u, xd[b], x8[b], bsums[b], aux1, sums1)  # noqa: F821
+
+
+def _q6_tiled_template(data, xd, x6, bsums, out):
+    """The same for q6_k (``quant_q8._row_q6_k``'s float terms per row)."""
+    rows = data.shape[0]
+    B = x6.shape[0]
+    b8 = B - B % 8
+    b4 = B - B % 4
+    nblk = data.shape[1] // 210
+    for ch in prange((rows + _C - 1) // _C):  # noqa: F821
+        aux = np.empty(64, np.int32)
+        sums = np.empty(64, np.float32)
+        aux1 = np.empty(8, np.int32)
+        sums1 = np.empty(8, np.float32)
+        for r in range(ch * _C, min(rows, ch * _C + _C)):  # noqa: F821
+            u = data[r]
+            b0 = 0
+            while b0 < b4:
+                nb = 8 if b0 < b8 else 4
+                sums[:] = 0
+                for b in range(nblk):
+                    o = b * 210
+                    prefetch(u, o + PREFETCH_BYTES)  # noqa: F821 (kernels.quant's)
+                    if nb == 8:
+                        _tile8(u, o, x6, b0, b * 256, aux)  # noqa: F821
+                    else:
+                        _tile4(u, o, x6, b0, b * 256, aux)  # noqa: F821
+                    dw = _h2f(u[o + 208], u[o + 209])  # noqa: F821
+                    for j in range(nb):
+                        d = dw * xd[b0 + j, b]
+                        for l in range(8):
+                            sums[8 * j + l] += d * np.float32(aux[8 * j + l])
+                for j in range(nb):
+                    t = np.float32(0)
+                    for l in range(8):
+                        t += sums[8 * j + l]
+                    out[b0 + j, r] = t
+                b0 += nb
+            for b in range(b4, B):
+                out[b, r] = _row(u, xd[b], x6[b], bsums[b], aux1, sums1)  # noqa: F821
 
 
 def _kf_batch_template(data, xd, xf, bsums, out):
@@ -590,10 +669,19 @@ for _kind, (_fn, _shape) in q8.ROW_FNS.items():
                               _tile=_TILES[_kind])
         else:
             _k = kq._generate(_rows2_batch_template, _name, _C=q8._CHUNK, _rows2=_fn)
-    else:
-        _variant = {"k8": "q8_k8", "k6": "q8_k6"}.get(_shape, "q8_kf")
-        _k = kq._generate(_kf_batch_template if _shape == "kf" else _k8_batch_template,
-                          _name, _C=q8._CHUNK, _row=_fn)
+    elif _kind in q8.K_TILES:
+        _variant = {"k8": "q8_k8", "k6": "q8_k6"}[_shape]
+        _t = q8.K_TILES[_kind]
+        if _shape == "k6":
+            _k = kq._generate(_q6_tiled_template, _name, _C=q8._CHUNK, _row=_fn,
+                              _tile8=_t[8], _tile4=_t[4])
+        else:
+            _k = kq._generate(_k4_tiled_template, _name, _C=q8._CHUNK, _row=_fn,
+                              _tile8=_t[8], _tile4=_t[4],
+                              _BPB=kq.BLOCK_INFO[_kind][1])
+    else:  # the float-lane k-quants
+        _variant = "q8_kf"
+        _k = kq._generate(_kf_batch_template, _name, _C=q8._CHUNK, _row=_fn)
     _Q8ACT[_kind] = (_k, _variant)
     globals()[_name] = _k
 

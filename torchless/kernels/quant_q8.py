@@ -630,6 +630,44 @@ def _k4_scales_mins(builder, p):
 K8_PERM = [8 * (i % 4) + i // 4 for i in range(32)]
 
 
+def _k4_body(builder, p, xps, bsps, with_high):
+    """The q4_k / q5_k block at ``p`` against each activation row ``xps[j]`` (its bsums at
+    ``bsps[j]``): ``[(<8 x i32> lanes, i64 min term)]`` per row, the weights unpacked once
+    (see :func:`_k4_block`)."""
+    sc, mn = _k4_scales_mins(builder, p)
+    qoff = 48 if with_high else 16
+    qh = None
+    if with_high:
+        qh = _load(builder, _at(builder, p, 16), _I8, 32)
+    accs = [None] * len(xps)
+    for i in range(4):
+        q = _load(builder, _at(builder, p, qoff + 32 * i), _I8, 32)
+        for half, w in enumerate(_lo_hi(builder, q)):
+            s = 2 * i + half
+            if with_high:
+                hb = builder.lshr(qh, _splat_const(_I8, 32, s)) if s else qh
+                w = builder.or_(w, builder.shl(builder.and_(hb, _splat_const(_I8, 32, 1)),
+                                               _splat_const(_I8, 32, 4)))
+            w = _shuf(builder, w, w, K8_PERM)
+            scs = builder.extract_element(sc, ir.Constant(_I32, s))
+            sc8 = builder.sext(_splat(builder, scs, 8), _vec(_I32, 8))
+            sc16 = _splat(builder, scs, 16)
+            for j, px in enumerate(xps):
+                x = _load(builder, _at(builder, px, 32 * s), _I8, 32)
+                if ISA == "generic":
+                    t = builder.mul(_dot4(builder, w, x, False), sc8)
+                else:  # pair sums <= 2 * 31 * 127: vpmaddubsw cannot saturate
+                    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [w, x])
+                    t = _pmadd(builder, pairs, sc16)
+                accs[j] = t if accs[j] is None else builder.add(accs[j], t)
+    mins = _shuf(builder, mn, mn, [j // 2 for j in range(16)])
+    out = []
+    for acc, bp in zip(accs, bsps):
+        bs = _load(builder, bp, _I16, 16)
+        out.append((acc, builder.sext(_reduce_add(builder, _pmadd(builder, bs, mins)), _I64)))
+    return out
+
+
 def _k4_block(with_high):
     """Codegen of ``f(u, o, x8, xo, bsums, bo, aux) -> msum`` for the q4_k / q5_k block at
     byte ``o`` of ``u``: ``aux[l] = sum_s sc[s] * sum_k w[32s + 8k + l] * x[32s + 8k + l]``
@@ -641,36 +679,57 @@ def _k4_block(with_high):
     def codegen(context, builder, sig, args):
         p = _arg_ptr(context, builder, sig, args, 0)
         px = _arg_ptr(context, builder, sig, args, 2)
-        sc, mn = _k4_scales_mins(builder, p)
-        qoff = 48 if with_high else 16
-        qh = None
-        if with_high:
-            qh = _load(builder, _at(builder, p, 16), _I8, 32)
-        acc = None
-        for i in range(4):
-            q = _load(builder, _at(builder, p, qoff + 32 * i), _I8, 32)
-            for half, w in enumerate(_lo_hi(builder, q)):
-                s = 2 * i + half
-                if with_high:
-                    hb = builder.lshr(qh, _splat_const(_I8, 32, s)) if s else qh
-                    w = builder.or_(w, builder.shl(builder.and_(hb, _splat_const(_I8, 32, 1)),
-                                                   _splat_const(_I8, 32, 4)))
-                w = _shuf(builder, w, w, K8_PERM)
-                x = _load(builder, _at(builder, px, 32 * s), _I8, 32)
-                scs = builder.extract_element(sc, ir.Constant(_I32, s))
-                if ISA == "generic":
-                    t = builder.mul(_dot4(builder, w, x, False),
-                                    builder.sext(_splat(builder, scs, 8), _vec(_I32, 8)))
-                else:  # pair sums <= 2 * 31 * 127: vpmaddubsw cannot saturate
-                    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [w, x])
-                    t = _pmadd(builder, pairs, _splat(builder, scs, 16))
-                acc = t if acc is None else builder.add(acc, t)
+        bp = _arg_ptr(context, builder, sig, args, 4)
+        ((acc, msum),) = _k4_body(builder, p, [px], [bp], with_high)
         _store(builder, _data_ptr(context, builder, sig, args, 6), acc)
-        bs = _load(builder, _arg_ptr(context, builder, sig, args, 4), _I16, 16)
-        mins = _shuf(builder, mn, mn, [j // 2 for j in range(16)])
-        return builder.sext(_reduce_add(builder, _pmadd(builder, bs, mins)), _I64)
+        return msum
 
     return codegen
+
+
+def _rows_ptrs(context, builder, aty, aval, b0, off, nb):
+    """Pointers to element ``off`` of rows ``b0 .. b0 + nb - 1`` of the 2-D array ``aval``."""
+    arr = context.make_array(aty)(context, builder, value=aval)
+    st0 = cgutils.unpack_tuple(builder, arr.strides)[0]
+    base = builder.bitcast(arr.data, ir.IntType(8).as_pointer())
+    out = []
+    for j in range(nb):
+        row = builder.gep(base, [builder.mul(builder.add(b0, ir.Constant(b0.type, j)), st0)])
+        out.append(builder.gep(builder.bitcast(row, arr.data.type), [off]))
+    return out
+
+
+def _k4_tile_intrinsic(with_high, nb):
+    """``f(u, o, X8, b0, xo, BS, bo, aux, ms)``: the block of :func:`_k4_block` against the
+    activation rows ``b0 .. b0 + nb - 1`` of ``X8 [B, n]`` / ``BS [B, n/16]``, the weights
+    unpacked once: ``aux[8 j + l]`` and ``ms[j]`` per row j (the same integers)."""
+
+    def impl(typingctx, u, o, X8, b0, xo, BS, bo, aux, ms):
+        if not (_is_array(u, types.uint8) and isinstance(X8, types.Array) and X8.ndim == 2
+                and X8.dtype == types.int8 and isinstance(BS, types.Array) and BS.ndim == 2
+                and BS.dtype == types.int16 and _is_array(aux, types.int32)
+                and _is_array(ms, types.int64) and _is_int(o, b0, xo, bo)):
+            return None
+        sig = types.void(u, o, X8, b0, xo, BS, bo, aux, ms)
+
+        def codegen(context, builder, sig, args):
+            p = _arg_ptr(context, builder, sig, args, 0)
+            b0 = context.cast(builder, args[3], sig.args[3], types.intp)
+            xo = context.cast(builder, args[4], sig.args[4], types.intp)
+            bo = context.cast(builder, args[6], sig.args[6], types.intp)
+            xps = _rows_ptrs(context, builder, sig.args[2], args[2], b0, xo, nb)
+            bps = _rows_ptrs(context, builder, sig.args[5], args[5], b0, bo, nb)
+            pa = _data_ptr(context, builder, sig, args, 7)
+            pm = _data_ptr(context, builder, sig, args, 8)
+            for j, (acc, msum) in enumerate(_k4_body(builder, p, xps, bps, with_high)):
+                _store(builder, _at(builder, pa, 8 * j), acc)
+                builder.store(msum, _at(builder, pm, j))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = f"_tile{nb}_{'q5_k' if with_high else 'q4_k'}"
+    return intrinsic(impl)
 
 
 def _splat(builder, v, n):
@@ -712,6 +771,58 @@ def _blk_q5_k(typingctx, u, o, x, xo, bsums, bo, aux):
 K6_PERM = [16 * ((i % 4) // 2) + 8 * (i % 2) + i // 4 for i in range(32)]
 
 
+def _q6_body(builder, p, xps):
+    """The q6_k block at ``p`` against each activation row ``xps[j]``: its <8 x i32> lanes
+    per row (see :func:`_aux_q6_k`), the weights unpacked once."""
+    scales = _widen(builder, _load(builder, _at(builder, p, 192), _I8, 16), _I16, True)
+
+    def c8(v):
+        return _splat_const(_I8, 32, v)
+
+    def bits(h, shift):  # ((h >> shift) & 3) << 4 on bytes
+        v = builder.lshr(h, c8(shift)) if shift else h
+        return builder.shl(builder.and_(v, c8(3)), c8(4))
+
+    accs = [None] * len(xps)
+    for h in range(2):
+        ql0 = _load(builder, _at(builder, p, 64 * h), _I8, 32)
+        ql1 = _load(builder, _at(builder, p, 64 * h + 32), _I8, 32)
+        qh = _load(builder, _at(builder, p, 128 + 32 * h), _I8, 32)
+        lo0, hi0 = _lo_hi(builder, ql0)
+        lo1, hi1 = _lo_hi(builder, ql1)
+        parts = [builder.or_(lo0, bits(qh, 0)), builder.or_(lo1, bits(qh, 2)),
+                 builder.or_(hi0, bits(qh, 4)), builder.or_(hi1, bits(qh, 6))]
+        for k, q in enumerate(parts):
+            w = builder.sub(q, c8(32))
+            w = _shuf(builder, w, w, K6_PERM)
+            j = 8 * h + 2 * k  # the sub-blocks j and j + 1 of 16 elements
+            sa = builder.extract_element(scales, ir.Constant(_I32, j))
+            sb = builder.extract_element(scales, ir.Constant(_I32, j + 1))
+            sv = builder.insert_element(ir.Constant(_vec(_I16, 2), None), sa,
+                                        ir.Constant(_I32, 0))
+            sv = builder.insert_element(sv, sb, ir.Constant(_I32, 1))
+            if ISA == "generic":
+                s32 = _widen(builder, _shuf(builder, sv, sv, [0, 0, 1, 1] * 8), _I32, True)
+                ww = _widen(builder, w, _I32, True)
+            else:
+                sv16 = _shuf(builder, sv, sv, [0, 1] * 8)
+            for r, px in enumerate(xps):
+                xv = _load(builder, _at(builder, px, 128 * h + 32 * k), _I8, 32)
+                if ISA == "generic":
+                    prod = builder.mul(builder.mul(ww, _widen(builder, xv, _I32, True)), s32)
+                    t = None
+                    for m in range(4):
+                        g = _shuf(builder, prod, prod, range(m, 32, 4))
+                        t = g if t is None else builder.add(t, g)
+                else:  # |w| <= 32: ggml's sign trick, pairs <= 2 * 32 * 127 (no saturation)
+                    aw, sx = _sign_trick(builder, w, xv)
+                    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16),
+                                 [aw, sx])
+                    t = _pmadd(builder, pairs, sv16)
+                accs[r] = t if accs[r] is None else builder.add(accs[r], t)
+    return accs
+
+
 @intrinsic
 def _aux_q6_k(typingctx, u, o, x, xo, aux):
     """aux[l] = sum_j sc[j] * sum_{k<2} w[16j + 8k + l] * x[16j + 8k + l] for the q6_k block
@@ -729,53 +840,38 @@ def _aux_q6_k(typingctx, u, o, x, xo, aux):
     def codegen(context, builder, sig, args):
         p = _arg_ptr(context, builder, sig, args, 0)
         px = _arg_ptr(context, builder, sig, args, 2)
-        scales = _widen(builder, _load(builder, _at(builder, p, 192), _I8, 16), _I16, True)
-
-        def c8(v):
-            return _splat_const(_I8, 32, v)
-
-        def bits(h, shift):  # ((h >> shift) & 3) << 4 on bytes
-            v = builder.lshr(h, c8(shift)) if shift else h
-            return builder.shl(builder.and_(v, c8(3)), c8(4))
-
-        acc = None
-        for h in range(2):
-            ql0 = _load(builder, _at(builder, p, 64 * h), _I8, 32)
-            ql1 = _load(builder, _at(builder, p, 64 * h + 32), _I8, 32)
-            qh = _load(builder, _at(builder, p, 128 + 32 * h), _I8, 32)
-            lo0, hi0 = _lo_hi(builder, ql0)
-            lo1, hi1 = _lo_hi(builder, ql1)
-            parts = [builder.or_(lo0, bits(qh, 0)), builder.or_(lo1, bits(qh, 2)),
-                     builder.or_(hi0, bits(qh, 4)), builder.or_(hi1, bits(qh, 6))]
-            for k, q in enumerate(parts):
-                w = builder.sub(q, c8(32))
-                w = _shuf(builder, w, w, K6_PERM)
-                xv = _load(builder, _at(builder, px, 128 * h + 32 * k), _I8, 32)
-                j = 8 * h + 2 * k  # the sub-blocks j and j + 1 of 16 elements
-                sa = builder.extract_element(scales, ir.Constant(_I32, j))
-                sb = builder.extract_element(scales, ir.Constant(_I32, j + 1))
-                sv = builder.insert_element(ir.Constant(_vec(_I16, 2), None), sa,
-                                            ir.Constant(_I32, 0))
-                sv = builder.insert_element(sv, sb, ir.Constant(_I32, 1))
-                if ISA == "generic":
-                    prod = builder.mul(_widen(builder, w, _I32, True),
-                                       _widen(builder, xv, _I32, True))
-                    s32 = _widen(builder, _shuf(builder, sv, sv, [0, 0, 1, 1] * 8), _I32, True)
-                    prod = builder.mul(prod, s32)
-                    t = None
-                    for m in range(4):
-                        g = _shuf(builder, prod, prod, range(m, 32, 4))
-                        t = g if t is None else builder.add(t, g)
-                else:  # |w| <= 32: ggml's sign trick, pairs <= 2 * 32 * 127 (no saturation)
-                    aw, sx = _sign_trick(builder, w, xv)
-                    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16),
-                                 [aw, sx])
-                    t = _pmadd(builder, pairs, _shuf(builder, sv, sv, [0, 1] * 8))
-                acc = t if acc is None else builder.add(acc, t)
+        (acc,) = _q6_body(builder, p, [px])
         _store(builder, _data_ptr(context, builder, sig, args, 4), acc)
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _q6_tile_intrinsic(nb):
+    """``f(u, o, X6, b0, xo, aux)``: the q6_k block against activation rows ``b0 .. b0 + nb
+    - 1`` of ``X6 [B, n]``, the weights unpacked once: ``aux[8 j + l]`` per row j."""
+
+    def impl(typingctx, u, o, X6, b0, xo, aux):
+        if not (_is_array(u, types.uint8) and isinstance(X6, types.Array) and X6.ndim == 2
+                and X6.dtype == types.int8 and _is_array(aux, types.int32)
+                and _is_int(o, b0, xo)):
+            return None
+        sig = types.void(u, o, X6, b0, xo, aux)
+
+        def codegen(context, builder, sig, args):
+            p = _arg_ptr(context, builder, sig, args, 0)
+            b0 = context.cast(builder, args[3], sig.args[3], types.intp)
+            xo = context.cast(builder, args[4], sig.args[4], types.intp)
+            xps = _rows_ptrs(context, builder, sig.args[2], args[2], b0, xo, nb)
+            pa = _data_ptr(context, builder, sig, args, 5)
+            for j, acc in enumerate(_q6_body(builder, p, xps)):
+                _store(builder, _at(builder, pa, 8 * j), acc)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    impl.__name__ = impl.__qualname__ = f"_tile{nb}_q6_k"
+    return intrinsic(impl)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1079,6 +1175,13 @@ def _row_q4_k(u, xd, x8, bsums, aux, sums):
 def _row_q5_k(u, xd, x8, bsums, aux, sums):
     return _row_k4(u, xd, x8, bsums, aux, sums, 176, True)
 
+
+#: the batched products' tiles (kernels/batch.py): kind -> {rows: intrinsic}
+K_TILES = {
+    "q4_k": {nb: _k4_tile_intrinsic(False, nb) for nb in (8, 4)},
+    "q5_k": {nb: _k4_tile_intrinsic(True, nb) for nb in (8, 4)},
+    "q6_k": {nb: _q6_tile_intrinsic(nb) for nb in (8, 4)},
+}
 
 _register("q4_k", "q8_k", _row_q4_k, _rows_k8_template)
 _register("q5_k", "q8_k", _row_q5_k, _rows_k8_template)
