@@ -639,15 +639,56 @@ def _k4_body(builder, p, xps, bsps, with_high):
     qh = None
     if with_high:
         qh = _load(builder, _at(builder, p, 16), _I8, 32)
+    if WIDE:
+        accs = _k4_products_wide(builder, p, xps, sc, qoff, qh)
+    else:
+        accs = _k4_products(builder, p, xps, sc, qoff, qh)
+    mins = _shuf(builder, mn, mn, [j // 2 for j in range(16)])
+    out = []
+    for acc, bp in zip(accs, bsps):
+        bs = _load(builder, bp, _I16, 16)
+        out.append((acc, builder.sext(_reduce_add(builder, _pmadd(builder, bs, mins)), _I64)))
+    return out
+
+
+def _k4_high(builder, w, qh, s):
+    """The fifth bit of sub-block ``s`` (q5_k) added to its nibbles ``w``."""
+    hb = builder.lshr(qh, _splat_const(_I8, 32, s)) if s else qh
+    return builder.or_(w, builder.shl(builder.and_(hb, _splat_const(_I8, 32, 1)),
+                                      _splat_const(_I8, 32, 4)))
+
+
+def _k4_products_wide(builder, p, xps, sc, qoff, qh):
+    """:func:`_k4_products` in 512-bit registers: the two sub-blocks of each 32 quant bytes
+    (low and high nibbles) side by side, one vpmaddubsw + vpmaddwd per 64 elements; lanes
+    0-7 sum the even sub-blocks, 8-15 the odd ones, added at the end (the same integers)."""
+    v32s, v16i = _vec(_I16, 32), _vec(_I32, 16)
+    perm = list(K8_PERM) + [32 + k for k in K8_PERM]
+    accs = [None] * len(xps)
+    for i in range(4):
+        q = _load(builder, _at(builder, p, qoff + 32 * i), _I8, 32)
+        lo, hi = _lo_hi(builder, q)
+        if qh is not None:
+            lo, hi = _k4_high(builder, lo, qh, 2 * i), _k4_high(builder, hi, qh, 2 * i + 1)
+        w = _shuf(builder, lo, hi, perm)
+        scs = _shuf(builder, sc, sc, [2 * i] * 16 + [2 * i + 1] * 16)
+        for j, px in enumerate(xps):
+            x = _load(builder, _at(builder, px, 64 * i), _I8, 64)
+            pairs = _x86(builder, "llvm.x86.avx512.pmaddubs.w.512", v32s, [w, x])
+            t = _x86(builder, "llvm.x86.avx512.pmaddw.d.512", v16i, [pairs, scs])
+            accs[j] = t if accs[j] is None else builder.add(accs[j], t)
+    return [builder.add(_slice(builder, a, 0, 8), _slice(builder, a, 8, 8)) for a in accs]
+
+
+def _k4_products(builder, p, xps, sc, qoff, qh):
+    """Each activation row's eight int32 lanes for the q4_k / q5_k block at ``p``."""
     accs = [None] * len(xps)
     for i in range(4):
         q = _load(builder, _at(builder, p, qoff + 32 * i), _I8, 32)
         for half, w in enumerate(_lo_hi(builder, q)):
             s = 2 * i + half
-            if with_high:
-                hb = builder.lshr(qh, _splat_const(_I8, 32, s)) if s else qh
-                w = builder.or_(w, builder.shl(builder.and_(hb, _splat_const(_I8, 32, 1)),
-                                               _splat_const(_I8, 32, 4)))
+            if qh is not None:
+                w = _k4_high(builder, w, qh, s)
             w = _shuf(builder, w, w, K8_PERM)
             scs = builder.extract_element(sc, ir.Constant(_I32, s))
             sc8 = builder.sext(_splat(builder, scs, 8), _vec(_I32, 8))
@@ -660,12 +701,7 @@ def _k4_body(builder, p, xps, bsps, with_high):
                     pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [w, x])
                     t = _pmadd(builder, pairs, sc16)
                 accs[j] = t if accs[j] is None else builder.add(accs[j], t)
-    mins = _shuf(builder, mn, mn, [j // 2 for j in range(16)])
-    out = []
-    for acc, bp in zip(accs, bsps):
-        bs = _load(builder, bp, _I16, 16)
-        out.append((acc, builder.sext(_reduce_add(builder, _pmadd(builder, bs, mins)), _I64)))
-    return out
+    return accs
 
 
 def _k4_block(with_high):
