@@ -132,7 +132,7 @@ def test_linear_every_kind(kind):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("T", [5, 70])
+@pytest.mark.parametrize("T", [5, 200])
 def test_batched_linear_reuses_the_activation_round_trip_only_for_the_same_input(T):
     """Batched prefill quantizes an input's activations once for all the weights that read it
     (q, k, v); a different input, or a weight whose kind uses another activation format,
@@ -155,7 +155,7 @@ def test_batched_linear_reuses_the_activation_round_trip_only_for_the_same_input
     wk = Weight("d", "q4_k", (24, 256), random_blocks("q4_k", 24, 1, rng))
     x = rng.standard_normal((T, 256)).astype(np.float32)
     y = (x * 3 + 1).astype(np.float32)
-    assert kb.short_rows("q4_k") >= 5 and kb.short_rows("q8_0") < 70
+    assert kb.short_rows("q4_k") >= 5 and kb.short_rows("q8_0") < 200
     for w, inp in ((w8, x), (w4, x), (wk, x), (w8, x), (w8, y), (wf, y), (w4, x), (w4, y)):
         if T <= kb.short_rows(w.kind):
             want = kb.linear_rows(w, inp.copy(), True)

@@ -737,12 +737,15 @@ class ActCache:
 
 # Up to how many rows the batched 8-bit products beat widening the weight to float32 for BLAS
 # (prefill of a short prompt, kernels chosen by DecoderModel's ops), measured on SmolLM2 Q4_1
-# and Gemma 3 270M Q4_K_M prefill (bench/short_prefill.py, BENCHMARKS.md): the tiled kinds,
-# which unpack a block once for NB rows, win up to ~96 rows; q4_k/q5_k/q6_k (permuted byte
-# products) up to ~52 on Gemma. The float-lane k-quants (q2_k, q3_k, iq4_xs, tq*) keep the
-# limit measured for the k-quants before that change (24), not re-measured on their own.
-SHORT_ROWS_TILED = 64
-SHORT_ROWS_K8 = 48
+# and Gemma 3 270M Q4_K_M prefill (bench/short_prefill.py, BENCHMARKS.md). With 256-bit tiles
+# (Intel Xeon, 2026-12-04) the tiled 32-element kinds won up to ~96 rows and q4_k/q5_k/q6_k
+# up to ~52; with the 512-bit tiles and the k-quant tiles (Zen 5, 2026-12-06) the batched
+# products won at every length measured, up to 512 (Gemma 558 against 585 ms, SmolLM2 567
+# against 631), by 20-60 % up to 128 rows and 5-18 % beyond: the limit is 128 there, so that
+# long prompts (and perplexity windows) keep the float32 path. The float-lane k-quants
+# (q2_k, q3_k, iq4_xs, tq*) keep the limit measured for the k-quants before those changes.
+SHORT_ROWS_TILED = 128 if q8.WIDE else 64
+SHORT_ROWS_K8 = 128 if q8.WIDE else 48
 SHORT_ROWS_OTHER = 24
 
 
