@@ -163,6 +163,21 @@ def _quant_rows(kind, w, r0, r1, xd, xq, xs, xf, bsums, out):
                 q8._rows2_q5_1(w[ra], w[rb], xq, xd, xs, res)
             out[ra] = res[0]
             out[rb] = res[1]
+    elif kind == kd.Q4_K or kind == kd.Q5_K or kind == kd.Q6_K:  # two rows at a time
+        aux = np.empty(16, np.int32)
+        sums = np.empty(16, np.float32)
+        res = np.empty(2, np.float32)
+        for r in range(r0, r1, 2):
+            ra = r
+            rb = min(r + 1, r1 - 1)
+            if kind == kd.Q4_K:
+                q8._row2_k4(w[ra], w[rb], xd, xq, bsums, aux, sums, res, 144, False)
+            elif kind == kd.Q5_K:
+                q8._row2_k4(w[ra], w[rb], xd, xq, bsums, aux, sums, res, 176, True)
+            else:
+                q8._row2_q6_k(w[ra], w[rb], xd, xq, bsums, aux, sums, res)
+            out[ra] = res[0]
+            out[rb] = res[1]
     else:
         aux = np.empty(8, np.int32)
         sums = np.empty(8, np.float32)

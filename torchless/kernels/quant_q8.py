@@ -956,6 +956,71 @@ def _row_q6_k(u, xd, x6, bsums, aux, sums):
     return sumf
 
 
+@njit(inline="always", cache=True)
+def _row2_k4(u0, u1, xd, x8, bsums, aux, sums, res, bpb, with_high):
+    """:func:`_row_k4` for two rows against the same activations, their block loops
+    interleaved (two independent chains per iteration; short rows -- an expert's 256-wide
+    down projection is one block -- are otherwise bound by one row's latency). Each row's
+    operations are :func:`_row_k4`'s, in its order: ``res[0], res[1]``, the same bits."""
+    for l in range(16):
+        sums[l] = 0
+    sumf0 = _F32(0)
+    sumf1 = _F32(0)
+    a0 = aux[:8]
+    a1 = aux[8:]
+    for b in range(u0.shape[0] // bpb):
+        o = b * bpb
+        prefetch(u0, o + PREFETCH_BYTES)
+        prefetch(u1, o + PREFETCH_BYTES)
+        if with_high:
+            m0 = _blk_q5_k(u0, o, x8, b * 256, bsums, b * 16, a0)
+            m1 = _blk_q5_k(u1, o, x8, b * 256, bsums, b * 16, a1)
+        else:
+            m0 = _blk_q4_k(u0, o, x8, b * 256, bsums, b * 16, a0)
+            m1 = _blk_q4_k(u1, o, x8, b * 256, bsums, b * 16, a1)
+        d0 = _h2f(u0[o], u0[o + 1]) * xd[b]
+        d1 = _h2f(u1[o], u1[o + 1]) * xd[b]
+        for l in range(8):
+            sums[l] += d0 * _F32(a0[l])
+            sums[8 + l] += d1 * _F32(a1[l])
+        dmin0 = _h2f(u0[o + 2], u0[o + 3]) * xd[b]
+        dmin1 = _h2f(u1[o + 2], u1[o + 3]) * xd[b]
+        sumf0 -= dmin0 * _F32(m0)
+        sumf1 -= dmin1 * _F32(m1)
+    for l in range(8):
+        sumf0 += sums[l]
+        sumf1 += sums[8 + l]
+    res[0] = sumf0
+    res[1] = sumf1
+
+
+@njit(inline="always", cache=True)
+def _row2_q6_k(u0, u1, xd, x6, bsums, aux, sums, res):
+    """:func:`_row_q6_k` for two rows, interleaved as :func:`_row2_k4` (the same bits)."""
+    for l in range(16):
+        sums[l] = 0
+    a0 = aux[:8]
+    a1 = aux[8:]
+    for b in range(u0.shape[0] // 210):
+        o = b * 210
+        prefetch(u0, o + PREFETCH_BYTES)
+        prefetch(u1, o + PREFETCH_BYTES)
+        _aux_q6_k(u0, o, x6, b * 256, a0)
+        _aux_q6_k(u1, o, x6, b * 256, a1)
+        d0 = _h2f(u0[o + 208], u0[o + 209]) * xd[b]
+        d1 = _h2f(u1[o + 208], u1[o + 209]) * xd[b]
+        for l in range(8):
+            sums[l] += d0 * _F32(a0[l])
+            sums[8 + l] += d1 * _F32(a1[l])
+    sumf0 = _F32(0)
+    sumf1 = _F32(0)
+    for l in range(8):
+        sumf0 += sums[l]
+        sumf1 += sums[8 + l]
+    res[0] = sumf0
+    res[1] = sumf1
+
+
 # ----------------------------------------------------------------------------------------
 # Row loops with 8-lane float accumulation (the order of llama.cpp's AVX2 kernels)
 # ----------------------------------------------------------------------------------------
@@ -1158,10 +1223,15 @@ def _rows_k8_template(data, xd, xq, bsums, out):
     rows = data.shape[0]
     x8 = _permute(xq)  # noqa: F821 (bound: permute_k8)
     for ch in prange((rows + _CHUNK - 1) // _CHUNK):
-        aux = np.empty(8, np.int32)
-        sums = np.empty(8, np.float32)
-        for r in range(ch * _CHUNK, min(rows, ch * _CHUNK + _CHUNK)):
-            out[r] = _row(data[r], xd, x8, bsums, aux, sums)  # noqa: F821 (bound per kind)
+        aux = np.empty(16, np.int32)
+        sums = np.empty(16, np.float32)
+        res = np.empty(2, np.float32)
+        end = min(rows, ch * _CHUNK + _CHUNK)
+        for r in range(ch * _CHUNK, end, 2):
+            r1 = min(r + 1, end - 1)  # an odd last row is paired with itself
+            _row2(data[r], data[r1], xd, x8, bsums, aux, sums, res)  # noqa: F821 (per kind)
+            out[r] = res[0]
+            out[r1] = res[1]
 
 
 MATVEC_Q8ACT: dict = {}
@@ -1179,7 +1249,8 @@ def _register(kind: str, act: str, fn, template=None) -> None:
     ACT_FORMAT[kind] = act
     if act == "q8_k":
         shape = ("k6" if kind == "q6_k" else "k8") if template is _rows_k8_template else "kf"
-        bound = {"_row": fn, "_permute": permute_k6 if shape == "k6" else permute_k8}
+        bound = {"_row": fn, "_permute": permute_k6 if shape == "k6" else permute_k8,
+                 "_row2": ROW2_FNS.get(kind)}
         ROW_FNS[kind] = (fn, shape)
     else:
         template, bound = _rows2_template, {"_rows2": fn}
@@ -1218,6 +1289,19 @@ K_TILES = {
     "q5_k": {nb: _k4_tile_intrinsic(True, nb) for nb in (8, 4)},
     "q6_k": {nb: _q6_tile_intrinsic(nb) for nb in (8, 4)},
 }
+
+@njit(inline="always", cache=True)
+def _row2_q4_k(u0, u1, xd, x8, bsums, aux, sums, res):
+    _row2_k4(u0, u1, xd, x8, bsums, aux, sums, res, 144, False)
+
+
+@njit(inline="always", cache=True)
+def _row2_q5_k(u0, u1, xd, x8, bsums, aux, sums, res):
+    _row2_k4(u0, u1, xd, x8, bsums, aux, sums, res, 176, True)
+
+
+#: the two-row versions of the permuted k-quants' row functions (the decode's matvec)
+ROW2_FNS = {"q4_k": _row2_q4_k, "q5_k": _row2_q5_k, "q6_k": _row2_q6_k}
 
 _register("q4_k", "q8_k", _row_q4_k, _rows_k8_template)
 _register("q5_k", "q8_k", _row_q5_k, _rows_k8_template)
