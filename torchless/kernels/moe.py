@@ -264,6 +264,27 @@ def experts_matvec(kind, mats, sel, X, out, aq, nb):
             kd.linear(kind, w[r0:r1], nb, X[xi], out[j, r0:r1], False)
 
 
+@njit(parallel=True, cache=True)
+def experts_gate_up(kind, gates, ups, sel, h, g, u, aq):
+    """:func:`experts_matvec` of the gate and the up projections of the chosen experts in
+    one parallel loop (one fork, ``h`` quantized once), for gate and up weights of the same
+    block kind with 8-bit activations: ``g[j] = gates[sel[j]] @ h``, ``u[j] = ups[sel[j]] @ h``."""
+    k = sel.shape[0]
+    rows = g.shape[1]
+    nch = (rows + _CHUNK - 1) // _CHUNK
+    XD, XQ, XS, XF, BS = _quantize_inputs(kind, h.reshape(1, h.shape[0]))
+    for item in prange(2 * k * nch):
+        which = item // (k * nch)
+        rest = item % (k * nch)
+        j = rest // nch
+        r0 = (rest % nch) * _CHUNK
+        r1 = min(rows, r0 + _CHUNK)
+        if which == 0:
+            _quant_rows(kind, gates[sel[j]], r0, r1, XD[0], XQ[0], XS[0], XF[0], BS[0], g[j])
+        else:
+            _quant_rows(kind, ups[sel[j]], r0, r1, XD[0], XQ[0], XS[0], XF[0], BS[0], u[j])
+
+
 @njit(cache=True)
 def decode_moe(h, rkind, rw, kinds, gates, ups, downs, k, router, renorm, act, aq, nb, out):
     """The mixture for one token: ``out [H] = sum_j w_j down_j(act(gate_j h) * up_j h)`` over
@@ -278,8 +299,12 @@ def decode_moe(h, rkind, rw, kinds, gates, ups, downs, k, router, renorm, act, a
     X = h.reshape(1, h.shape[0])
     g = np.empty((k, inter), np.float32)
     u = np.empty((k, inter), np.float32)
-    experts_matvec(kinds[0], gates, sel, X, g, aq, nb)
-    experts_matvec(kinds[1], ups, sel, X, u, aq, nb)
+    quant = kinds[0] != kd.F32 and kinds[0] != kd.F16 and kinds[0] != kd.BF16
+    if aq and quant and kinds[1] == kinds[0]:
+        experts_gate_up(kinds[0], gates, ups, sel, h, g, u, aq)
+    else:
+        experts_matvec(kinds[0], gates, sel, X, g, aq, nb)
+        experts_matvec(kinds[1], ups, sel, X, u, aq, nb)
     a = np.empty((k, inter), np.float32)
     for j in range(k):
         ko._gated_row(g[j], u[j], act, a[j])
