@@ -773,11 +773,9 @@ class _Slots:
         self.states = states
         self.pos = pos
         self.caps = np.array([s.cache.capacity for s in states], np.int64)
-        n = states[0].cache.n_layers
-        self.kaddr = np.array([[s.cache.k[i].ctypes.data for s in states] for i in range(n)],
-                              np.int64)
-        self.vaddr = np.array([[s.cache.v[i].ctypes.data for s in states] for i in range(n)],
-                              np.int64)
+        addrs = np.stack([s.cache.addrs for s in states], axis=2)  # [k|v, layer, row]
+        self.kaddr = np.ascontiguousarray(addrs[0])
+        self.vaddr = np.ascontiguousarray(addrs[1])
 
 
 class _BatchOps(_FastOps):

@@ -29,6 +29,9 @@ class KVCache:
             for a, b in zip(old, new):
                 b[:, : self.capacity] = a[:, : self.capacity]
         self.k, self.v, self.capacity = new_k, new_v, capacity
+        # the layers' buffer addresses, for kernels that take several caches at once
+        self.addrs = np.array([[a.ctypes.data for a in new_k], [a.ctypes.data for a in new_v]],
+                              np.int64)
 
     def ensure(self, length: int) -> None:
         if length > self.capacity:
