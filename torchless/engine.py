@@ -795,10 +795,14 @@ class _BatchOps(_FastOps):
         k = np.ascontiguousarray(k, dtype=np.float32)
         v = np.ascontiguousarray(v, dtype=np.float32)
         out = np.empty_like(q)
+        # forked when there is enough work or enough (row, head) jobs to share: with 8 rows
+        # of 9 heads the parallel loop took 9 against 16 us at position 6, 44 against 83 at
+        # position 100 (Zen 5)
         work = q.shape[1] * q.shape[2] * int(slots.pos.sum() + len(slots.pos))
+        jobs = q.shape[0] * q.shape[1]
         kb.attention_slots(q, k, v, slots.kaddr[i], slots.vaddr[i], slots.caps, slots.pos,
                            np.float32(scale), np.float32(softcap), int(window), logn, out,
-                           work > kd.PARALLEL_ATTENTION_WORK)
+                           work > kd.PARALLEL_ATTENTION_WORK or jobs >= 16)
         return out
 
 
