@@ -820,6 +820,10 @@ def _q6_body(builder, p, xps):
         return builder.shl(builder.and_(v, c8(3)), c8(4))
 
     accs = [None] * len(xps)
+    if WIDE:
+        v32s, v16i = _vec(_I16, 32), _vec(_I32, 16)
+        perm = list(K6_PERM) + [32 + k for k in K6_PERM]
+        c32 = _splat_const(_I8, 64, 32)
     for h in range(2):
         ql0 = _load(builder, _at(builder, p, 64 * h), _I8, 32)
         ql1 = _load(builder, _at(builder, p, 64 * h + 32), _I8, 32)
@@ -828,6 +832,23 @@ def _q6_body(builder, p, xps):
         lo1, hi1 = _lo_hi(builder, ql1)
         parts = [builder.or_(lo0, bits(qh, 0)), builder.or_(lo1, bits(qh, 2)),
                  builder.or_(hi0, bits(qh, 4)), builder.or_(hi1, bits(qh, 6))]
+        if WIDE:
+            # two parts (four sub-blocks) per 512-bit step. No vpsignb at this width: the
+            # unsigned quants q (0..63) times x, minus 32 x per pair (w = q - 32), then the
+            # sub-block scales; every integer is the 256-bit path's (pairs stay in int16)
+            for m in range(2):
+                q = _shuf(builder, parts[2 * m], parts[2 * m + 1], perm)
+                j = 8 * h + 4 * m  # the sub-blocks j .. j + 3
+                sc = _shuf(builder, scales, scales,
+                           [j, j + 1] * 8 + [j + 2, j + 3] * 8)
+                for r, px in enumerate(xps):
+                    xv = _load(builder, _at(builder, px, 128 * h + 64 * m), _I8, 64)
+                    qx = _x86(builder, "llvm.x86.avx512.pmaddubs.w.512", v32s, [q, xv])
+                    bx = _x86(builder, "llvm.x86.avx512.pmaddubs.w.512", v32s, [c32, xv])
+                    t = _x86(builder, "llvm.x86.avx512.pmaddw.d.512", v16i,
+                             [builder.sub(qx, bx), sc])
+                    accs[r] = t if accs[r] is None else builder.add(accs[r], t)
+            continue
         for k, q in enumerate(parts):
             w = builder.sub(q, c8(32))
             w = _shuf(builder, w, w, K6_PERM)
@@ -856,6 +877,8 @@ def _q6_body(builder, p, xps):
                                  [aw, sx])
                     t = _pmadd(builder, pairs, sv16)
                 accs[r] = t if accs[r] is None else builder.add(accs[r], t)
+    if WIDE:
+        return [builder.add(_slice(builder, a, 0, 8), _slice(builder, a, 8, 8)) for a in accs]
     return accs
 
 
