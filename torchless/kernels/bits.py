@@ -41,8 +41,11 @@ def f16_to_f32(b):
 
 # Software prefetch distance: with two hyperthreads sharing a core, the hardware
 # prefetchers alone left a DRAM-sized q8_0 product at ~12-14 GB/s; prefetching 2 KiB ahead
-# of each row measured ~23 GB/s (262144 x 640, the Gemma 3 output matrix).
-PREFETCH_BYTES = 2048
+# of each row measured ~23 GB/s (262144 x 640, the Gemma 3 output matrix). On Zen 5
+# (2026-12-06) the same product took 5.2-6.1 ms at 2 KiB, 3.9 at 4 KiB, 3.4-3.6 at 8 KiB
+# (46-49 GB/s, the bandwidth probe's 47-52) and 4.6 at 16 KiB; Gemma's decode 9.2 -> 7.2 ms,
+# SmolLM2's 5.2 -> 4.3 ms with 8 KiB.
+PREFETCH_BYTES = 8192
 
 
 def _prefetch_ir(builder, ptr):
