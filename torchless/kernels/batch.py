@@ -221,24 +221,21 @@ def _tile_ptrs(context, builder, sig, args, bpb, nb):
     nbytes = cgutils.unpack_tuple(builder, a0.shape)[0]
     nblk = builder.udiv(nbytes, ir.Constant(nbytes.type, bpb))
     b0v = context.cast(builder, args[5], sig.args[5], types.intp)
-    xrows, drows = [], []
-    for arg, lst in ((2, xrows), (3, drows)):
-        arr = context.make_array(sig.args[arg])(context, builder, value=args[arg])
-        st0 = cgutils.unpack_tuple(builder, arr.strides)[0]
-        base = builder.bitcast(arr.data, i8p)
-        for j in range(nb):
-            off = builder.mul(builder.add(b0v, ir.Constant(b0v.type, j)), st0)
-            lst.append(builder.bitcast(builder.gep(base, [off]), arr.data.type))
+    zero = ir.Constant(b0v.type, 0)
+    xrows = q8._rows_ptrs(context, builder, sig.args[2], args[2], b0v, zero, nb)
+    drows = q8._rows_ptrs(context, builder, sig.args[3], args[3], b0v, zero, nb)
     arr = context.make_array(sig.args[4])(context, builder, value=args[4])
     tcol = (builder.gep(builder.bitcast(arr.data, i8p), [builder.mul(
         b0v, ir.Constant(b0v.type, 4))]), cgutils.unpack_tuple(builder, arr.strides)[0])
     return a0.data, p1, nblk, xrows, drows, tcol
 
 
-def _half(builder, ptr):
-    """The float16 at ``ptr`` as a float."""
-    h = builder.load(builder.bitcast(ptr, ir.IntType(16).as_pointer()), align=1)
-    return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+def _halves(builder, a, b, n):
+    """<2n x float> (a x n, b x n)."""
+    f32 = ir.FloatType()
+    v = builder.insert_element(ir.Constant(q8._vec(f32, 2), None), a, ir.Constant(q8._I32, 0))
+    v = builder.insert_element(v, b, ir.Constant(q8._I32, 1))
+    return q8._shuf(builder, v, v, [0] * n + [1] * n)
 
 
 def _tile_block(builder, ptrs, off, weights, with_min):
@@ -248,9 +245,9 @@ def _tile_block(builder, ptrs, off, weights, with_min):
         pb = builder.gep(p, [off])
         q8._prefetch_ir(builder, builder.gep(pb, [ir.Constant(q8._I64, q8.PREFETCH_BYTES)]))
         ws.append(weights(builder, pb))
-        dws.append(_half(builder, pb))
+        dws.append(q8._half(builder, pb))
         if with_min:
-            mws.append(_half(builder, q8._at(builder, pb, 2)))
+            mws.append(q8._half(builder, q8._at(builder, pb, 2)))
     return ws, dws, mws
 
 
@@ -283,7 +280,6 @@ def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
     def codegen(context, builder, sig, args):
         f32 = ir.FloatType()
         v8f = q8._vec(f32, 8)
-        v4f = q8._vec(f32, 4)
         p0, p1, nb, xrows, drows, tcol = _tile_ptrs(context, builder, sig, args, bpb, NB)
 
         # Signed weights with VNNI: vpdpbusd multiplies unsigned by signed bytes. The
@@ -307,11 +303,6 @@ def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
                 for _ in range(NB)]
         mins = cgutils.alloca_once_value(builder, zero)  # lane 4k + j
 
-        def pair_vec(a, b):  # <8 x float> (a, a, a, a, b, b, b, b)
-            v = builder.insert_element(ir.Constant(v4f, None), a, ir.Constant(I32, 0))
-            v = builder.insert_element(v, b, ir.Constant(I32, 1))
-            return q8._shuf(builder, v, v, [0] * 4 + [1] * 4)
-
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
             off = builder.mul(b, ir.Constant(b.type, bpb))
@@ -319,7 +310,7 @@ def _make_rows2xnb(weights, bpb, name, signed=True, with_min=False):
             dwv = [q8._splat(builder, d, 8) for d in dws]
             if with_min:  # lane 4k + j: m_w(k) * s_x(j), as the one-row kernel per pair
                 builder.store(builder.fadd(builder.load(mins), builder.fmul(
-                    pair_vec(mws[0], mws[1]), four(tcol, b))), mins)
+                    _halves(builder, mws[0], mws[1], 4), four(tcol, b))), mins)
             xo = builder.mul(b, ir.Constant(b.type, 32))
             if offset:  # -128 * (sum of each 4 weights): the bias of x + 128 below
                 corr = [builder.sub(q8._splat_const(I32, 8, 0),
@@ -383,23 +374,17 @@ def _make_wide_tile(weights, bpb, name, signed=True, with_min=False, nb=8):
         mins = cgutils.alloca_once_value(builder, ir.Constant(vm, [ir.Constant(f32, 0.0)]
                                                               * (2 * nb)))
 
-        def halves(a, b, n):  # <2n x float> (a x n, b x n)
-            v = builder.insert_element(ir.Constant(q8._vec(f32, 2), None), a,
-                                       ir.Constant(I32, 0))
-            v = builder.insert_element(v, b, ir.Constant(I32, 1))
-            return q8._shuf(builder, v, v, [0] * n + [1] * n)
-
         with cgutils.for_range(builder, nblk) as loop:
             b = loop.index
             off = builder.mul(b, ir.Constant(b.type, bpb))
             ws, dws, mws = _tile_block(builder, (p0, p1), off, weights, with_min)
             w = builder.bitcast(q8._shuf(builder, ws[0], ws[1], range(64)), v16i)
-            dwv = halves(dws[0], dws[1], 8)
+            dwv = _halves(builder, dws[0], dws[1], 8)
             if with_min:  # lane nb * k + j: m_w(k) * s_x(j)
                 t = q8._load(builder, builder.gep(tbase, [builder.mul(b, tstride)]),
                              f32, nb)
                 builder.store(builder.fadd(builder.load(mins), builder.fmul(
-                    halves(mws[0], mws[1], nb), q8._shuf(builder, t, t,
+                    _halves(builder, mws[0], mws[1], nb), q8._shuf(builder, t, t,
                                                          list(range(nb)) * 2))), mins)
             if signed:  # -128 * (sum of each 4 weights): the bias of x + 128 below
                 corr = builder.sub(izero, builder.call(dpbusd, [
@@ -432,27 +417,20 @@ def _make_wide_tile(weights, bpb, name, signed=True, with_min=False, nb=8):
     return _tile_intrinsic(name, codegen)
 
 
-_TILES = {
-    "q8_0": _make_rows2xnb(q8._signed_q8_0, 34, "_rows2xnb_q8_0"),
-    "q4_0": _make_rows2xnb(q8._signed_q4_0, 18, "_rows2xnb_q4_0"),
-    "q5_0": _make_rows2xnb(q8._signed_q5_0, 22, "_rows2xnb_q5_0"),
-    "iq4_nl": _make_rows2xnb(q8._signed_iq4_nl, 18, "_rows2xnb_iq4_nl"),
-    "q4_1": _make_rows2xnb(q8._unsigned_q4_1, 20, "_rows2xnb_q4_1", False, True),
-    "q5_1": _make_rows2xnb(q8._unsigned_q5_1, 24, "_rows2xnb_q5_1", False, True),
+# the tiled 32-element kinds: (their block's quants, bytes per block, signed, with a min term)
+_TILE_SPECS = {
+    "q8_0": (q8._signed_q8_0, 34, True, False),
+    "q4_0": (q8._signed_q4_0, 18, True, False),
+    "q5_0": (q8._signed_q5_0, 22, True, False),
+    "iq4_nl": (q8._signed_iq4_nl, 18, True, False),
+    "q4_1": (q8._unsigned_q4_1, 20, False, True),
+    "q5_1": (q8._unsigned_q5_1, 24, False, True),
 }
-
-_WIDE_TILES = {
-    kind: {nb: _make_wide_tile(fn, bpb, f"_wide{nb}_{kind}", signed, with_min, nb)
-           for nb in (8, 4)}
-    for kind, (fn, bpb, signed, with_min) in {
-        "q8_0": (q8._signed_q8_0, 34, True, False),
-        "q4_0": (q8._signed_q4_0, 18, True, False),
-        "q5_0": (q8._signed_q5_0, 22, True, False),
-        "iq4_nl": (q8._signed_iq4_nl, 18, True, False),
-        "q4_1": (q8._unsigned_q4_1, 20, False, True),
-        "q5_1": (q8._unsigned_q5_1, 24, False, True),
-    }.items()
-}
+_TILES = {kind: _make_rows2xnb(fn, bpb, f"_rows2xnb_{kind}", signed, with_min)
+          for kind, (fn, bpb, signed, with_min) in _TILE_SPECS.items()}
+_WIDE_TILES = {kind: {nb: _make_wide_tile(fn, bpb, f"_wide{nb}_{kind}", signed, with_min, nb)
+                      for nb in (8, 4)}
+               for kind, (fn, bpb, signed, with_min) in _TILE_SPECS.items()}
 
 # Each kind's kernel is generated from one template by the shape of its decode row function
 # (quant_q8.ROW_FNS): the same function, on the same row pairs, as the decode matvec, so a row
@@ -612,7 +590,7 @@ for _kind, (_fn, _shape) in q8.ROW_FNS.items():
         if q8.WIDE and _kind in _WIDE_TILES:
             _k = kq._generate(_wide_template, _name, _C=q8._CHUNK, _rows2=_fn,
                               _tile8=_WIDE_TILES[_kind][8], _tile4=_WIDE_TILES[_kind][4],
-                              _signed=_kind not in ("q4_1", "q5_1"))
+                              _signed=_TILE_SPECS[_kind][2])
         elif _kind in _TILES:
             _k = kq._generate(_tiled_template, _name, _C=q8._CHUNK, _NB=NB, _rows2=_fn,
                               _tile=_TILES[_kind])

@@ -265,7 +265,7 @@ def experts_matvec(kind, mats, sel, X, out, aq, nb):
 
 
 @njit(parallel=True, cache=True)
-def experts_gate_up(kind, gates, ups, sel, h, g, u, aq):
+def experts_gate_up(kind, gates, ups, sel, h, g, u):
     """:func:`experts_matvec` of the gate and the up projections of the chosen experts in
     one parallel loop (one fork, ``h`` quantized once), for gate and up weights of the same
     block kind with 8-bit activations: ``g[j] = gates[sel[j]] @ h``, ``u[j] = ups[sel[j]] @ h``."""
@@ -301,7 +301,7 @@ def decode_moe(h, rkind, rw, kinds, gates, ups, downs, k, router, renorm, act, a
     u = np.empty((k, inter), np.float32)
     quant = kinds[0] != kd.F32 and kinds[0] != kd.F16 and kinds[0] != kd.BF16
     if aq and quant and kinds[1] == kinds[0]:
-        experts_gate_up(kinds[0], gates, ups, sel, h, g, u, aq)
+        experts_gate_up(kinds[0], gates, ups, sel, h, g, u)
     else:
         experts_matvec(kinds[0], gates, sel, X, g, aq, nb)
         experts_matvec(kinds[1], ups, sel, X, u, aq, nb)

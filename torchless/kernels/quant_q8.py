@@ -723,6 +723,12 @@ def _k4_block(with_high):
     return codegen
 
 
+def _half(builder, ptr):
+    """The float16 at ``ptr`` as a float."""
+    h = builder.load(builder.bitcast(ptr, ir.IntType(16).as_pointer()), align=1)
+    return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+
+
 def _rows_ptrs(context, builder, aty, aval, b0, off, nb):
     """Pointers to element ``off`` of rows ``b0 .. b0 + nb - 1`` of the 2-D array ``aval``."""
     arr = context.make_array(aty)(context, builder, value=aval)
@@ -1151,10 +1157,6 @@ def _make_rows2(weights, bpb, name, signed=True, with_min=False):
             builder.store(ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8), acc1)
             mins = [cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0)) for _ in "01"]
 
-            def half(ptr):
-                h = builder.load(builder.bitcast(ptr, ir.IntType(16).as_pointer()), align=1)
-                return builder.fpext(builder.bitcast(h, ir.HalfType()), f32)
-
             with cgutils.for_range(builder, nb) as loop:
                 b = loop.index
                 off = builder.mul(b, ir.Constant(b.type, bpb))
@@ -1165,13 +1167,13 @@ def _make_rows2(weights, bpb, name, signed=True, with_min=False):
                     pb = builder.gep(p, [off])
                     _prefetch_ir(builder, builder.gep(pb, [ir.Constant(_I64, PREFETCH_BYTES)]))
                     lanes = _dot4(builder, weights(builder, pb), xv, signed)
-                    sc = builder.fmul(half(pb), xd_b)
+                    sc = builder.fmul(_half(builder, pb), xd_b)
                     scv = builder.insert_element(ir.Constant(v8f, None), sc, ir.Constant(_I32, 0))
                     scv = _shuf(builder, scv, scv, [0] * 8)
                     builder.store(builder.call(fma, [builder.sitofp(lanes, v8f), scv,
                                                      builder.load(acc)]), acc)
                     if with_min:
-                        ms = builder.fmul(half(_at(builder, pb, 2)),
+                        ms = builder.fmul(_half(builder, _at(builder, pb, 2)),
                                           builder.load(builder.gep(ps, [b])))
                         builder.store(builder.fadd(builder.load(msum), ms), msum)
             pr = _data_ptr(context, builder, sig, args, 5)
